@@ -1,0 +1,28 @@
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import contextlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@contextlib.contextmanager
+def _x64():
+  prev = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", prev)
+
+
+@pytest.fixture
+def x64():
+  """Run the test body with float64 enabled, restored afterwards."""
+  with _x64():
+    yield
