@@ -89,3 +89,18 @@ def apply_rope(x: jax.Array, angles: jax.Array, layout: str) -> jax.Array:
   else:
     raise ValueError(f"rope layout must be 'half' or 'interleaved', got {layout!r}")
   return out.astype(dtype)
+
+
+def starflow_3d(head_dim: int, base: float = 10000.0, layout: str = "interleaved") -> RopeSpec:
+  """STARFlow's 3-axis RoPE (image x, image y, text/frame axis), used with a causal text prefix.
+
+  For head_dim 64: x and y get 12 frequencies each, base^(-2j/24); the third axis 8, base^(-j/8).
+  In general x/y get 3*head_dim/16 each and the third axis head_dim/8 (STARFLOW2.md 2.8).
+  """
+  if head_dim % 16:
+    raise ValueError(f"3-D RoPE needs head_dim divisible by 16, got {head_dim}")
+  nxy, nt = 3 * head_dim // 16, head_dim // 8
+  inv_xy = base ** (-2.0 * np.arange(nxy, dtype=np.float64) / (2 * nxy))
+  inv_t = base ** (-np.arange(nt, dtype=np.float64) / nt)
+  inv = np.concatenate([inv_xy, inv_xy, inv_t])
+  return RopeSpec(tuple(float(v) for v in inv), (0,) * nxy + (1,) * nxy + (2,) * nt, layout)
