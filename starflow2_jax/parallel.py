@@ -114,7 +114,9 @@ def make_mesh(mesh_config: ml_collections.ConfigDict | dict,
     raise ValueError(f"mesh.dcn_shape={dcn}: {len(devices)} devices do not split into {num_slices} slices")
   ici = _resolve(dict(mesh_config["shape"]), len(devices) // num_slices, "mesh.shape")
   if num_slices > 1:
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn_sizes, devices)
+    # TPU slices are the DCN granules; elsewhere (GPU hosts) each process is one
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici, dcn_sizes, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
   else:
     try:
       grid = mesh_utils.create_device_mesh(ici, devices)
