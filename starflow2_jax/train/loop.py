@@ -133,6 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   rules = parallel.logical_rules(config)
   parallel.check_global_batch(int(tc.batch_size), mesh, int(tc.grad_accum))
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+  train_source = pipeline.build_source(config.data, config.data.train_split)  # fails early on bad data
+  data_iter = pipeline.train_iterator(config.data, train_source, int(tc.batch_size), int(tc.seed),
+                                      jax.process_index(), jax.process_count())
   _write_config(workdir, config)
 
   task = task or tasks.build_task(config, mesh, rules)
@@ -145,9 +148,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("trainable parameters: %d", n_params)
 
-  train_source = pipeline.build_source(config.data, config.data.train_split)
-  data_iter = pipeline.train_iterator(config.data, train_source, int(tc.batch_size), int(tc.seed),
-                                      jax.process_index(), jax.process_count())
   ckptr = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
   restored = ckptr.restore_latest(state_lib.abstract_state(state_sh, state), data_iter)
   if restored is not None:
