@@ -43,8 +43,14 @@ def _two_processes(workdir, overrides):
 
 
 def _params(workdir, step):
+  """The saved parameters, restored onto this process's first device (whatever mesh saved them)."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as c:
-    tree = c.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    meta = c.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    tree = c.restore(path, target)
   return jax.tree.map(np.asarray, tree["params"])
 
 

@@ -52,7 +52,8 @@ def _run(cfg, state0, shape, devices, task, batches):
   mesh = parallel.make_mesh({"shape": shape}, devices)
   rules = parallel.logical_rules(cfg)
   tx = optimizer.make_optimizer(cfg.train)
-  sh = state_lib.state_shardings(_perturbed(task.init_fn), tx, jax.random.key(0), mesh, rules, False)
+  sh = state_lib.state_shardings(_perturbed(task.init_fn), tx, jax.random.key(0), mesh, rules,
+                                 use_ema=state0.ema_params is not None)
   state = jax.device_put(state0, sh)
   step = step_lib.make_train_step(task.loss_fn, tx, optimizer.learning_rate_schedule(cfg.train),
                                   cfg.train, mesh, rules, sh, task.frozen_shardings)
@@ -126,16 +127,21 @@ def _frozen_task(cfg, mesh, poison=False):
                     frozen=frozen, frozen_shardings={"scale": parallel.replicated(mesh)})
 
 
-def test_frozen_subtree_and_nonfinite_skip(reference):
-  """Frozen tensors stay bit-identical (and alive: never donated); a NaN step leaves parameters and
-  optimizer state bit-identical and counts the skip; the next finite step proceeds."""
-  cfg, _, state0, good, _, _ = reference
+def test_frozen_subtree_ema_and_nonfinite_skip(reference):
+  """Frozen tensors stay bit-identical (and alive: never donated); the EMA follows the parameters; a
+  NaN step leaves parameters, optimizer state and EMA bit-identical and counts the skip; the next
+  finite step proceeds."""
+  _, _, state0, good, _, _ = reference
+  cfg = tiny_config(**OVERRIDES, **{"train.ema_decay": 0.9})
+  state0 = state0.replace(ema_params=state0.params)
   mesh = parallel.make_mesh({"shape": {"data": 2}}, jax.devices()[:2])
   task = _frozen_task(cfg, mesh, poison=True)
   frozen_before = np.asarray(task.frozen["scale"])
   bad = dict(good, label=np.where(np.arange(len(good["label"])) == 3, -1, good["label"]))
-  _, m, state = _run(cfg, state0, {"data": 2}, jax.devices()[:2], task, [good])
-  snap = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  p1, m, state = _run(cfg, state0, {"data": 2}, jax.devices()[:2], task, [good])
+  ema = jax.tree.map(np.asarray, state.ema_params)
+  _close(ema, jax.tree.map(lambda a, b: 0.9 * a + 0.1 * b, state0.params, p1), tol=1e-6)
+  snap = jax.tree.map(np.asarray, (state.params, state.opt_state, state.ema_params))
   tx = optimizer.make_optimizer(cfg.train)
   sh = jax.tree.map(lambda x: x.sharding, state)
   step = step_lib.make_train_step(task.loss_fn, tx, optimizer.learning_rate_schedule(cfg.train),
@@ -143,8 +149,8 @@ def test_frozen_subtree_and_nonfinite_skip(reference):
                                   task.frozen_shardings)
   s2, m2 = step(state, task.frozen, parallel.make_global_batch(bad, mesh, 16), jax.random.key(7))
   assert int(m2["finite"]) == 0 and int(s2.skipped) == 1 and int(s2.step) == 2
-  for a, b in zip(jax.tree.leaves(snap), jax.tree.leaves(jax.tree.map(np.asarray, (s2.params,
-                                                                                    s2.opt_state)))):
+  after = jax.tree.map(np.asarray, (s2.params, s2.opt_state, s2.ema_params))
+  for a, b in zip(jax.tree.leaves(snap), jax.tree.leaves(after)):
     assert np.array_equal(a, b)
   s3, m3 = step(s2, task.frozen, parallel.make_global_batch(good, mesh, 16), jax.random.key(7))
   assert int(m3["finite"]) == 1 and int(s3.skipped) == 1
