@@ -19,9 +19,9 @@ CONDITIONING = ("all", "deep")
 POSITIONS = ("learned", "rope2d")
 DEQUANT = ("gaussian", "uniform")
 
-# STARFlow's softplus offset: softplus(a + 0.5413) = 1 at a = 0 (0.5413 = log(e - 1), as the reference
-# rounds it).
-SOFTPLUS_SHIFT = 0.5413
+# STARFlow's softplus offset log(e - 1) ~ 0.5413: softplus(a + SOFTPLUS_SHIFT) = 1 at a = 0. The
+# reference code uses the full-precision value (INV_SOFTPLUS_1 = 0.541324854612918).
+SOFTPLUS_SHIFT = math.log(math.e - 1.0)
 
 
 def _dtype(name: str):
