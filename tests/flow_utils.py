@@ -63,3 +63,10 @@ def reverse_fn(model, **kw):
 
 def forward_fn(model):
   return jax.jit(lambda v, x, l=None, c=None: model.apply(v, x, l, c))
+
+
+def assert_close_to_scale(a, b, tol=1e-5):
+  """max|a - b| <= tol * max(1, max|b|): REFERENCE-BEHAVIOURS' "relative to scale" tolerance."""
+  a, b = np64(a), np64(b)
+  err, scale = np.max(np.abs(a - b)), max(1.0, np.max(np.abs(b)))
+  assert err <= tol * scale, f"max abs error {err:.3g} > {tol:g} * {scale:.3g}"
