@@ -56,3 +56,26 @@ def hf_positions(model, input_ids, attention_mask, grids_thw):
       image_grid_thw=torch.as_tensor(grids_thw) if len(grids_thw) else None,
       attention_mask=torch.as_tensor(attention_mask))
   return pos.numpy()
+
+
+TINY_SPECIALS = {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>", 250: "<|image_pad|>",
+                 251: "<|video_pad|>", 252: "<|vision_start|>", 253: "<|vision_end|>"}
+
+
+def tiny_tokenizer_json(path: str) -> str:
+  """A 256-id character-level tokenizer with the Qwen chat specials at the tiny model's ids."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  vocab = {f"<unused_{i}>": i for i in range(256)}
+  for i in [10] + list(range(32, 127)):
+    del vocab[f"<unused_{i}>"]
+    vocab[chr(i)] = i
+  for i, t in TINY_SPECIALS.items():
+    del vocab[f"<unused_{i}>"]
+    vocab[t] = i
+  tk = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+  tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+  tk.decoder = decoders.Fuse()
+  tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                         for _, t in sorted(TINY_SPECIALS.items())])
+  tk.save(path)
+  return path

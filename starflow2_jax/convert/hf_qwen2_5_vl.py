@@ -224,9 +224,19 @@ def _norm(v):
   return v
 
 
+def all_devices_mesh() -> jax.sharding.Mesh:
+  """Every device on the `fsdp` axis: the converted model lives spread over the devices, and the host
+  only ever holds one tensor slice."""
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((jax.device_count(), 1), ("fsdp", "tensor"), axis_types=auto)
+
+
 def convert(checkpoint: str, out: str, *, dtype: str | None = None,
-            expected: ml_collections.ConfigDict | None = None) -> str:
-  """Hugging Face directory -> a starflow2_jax parameter checkpoint (orbax + config.json)."""
-  params, config = load_hf_qwen2_5_vl(checkpoint, dtype=dtype, expected=expected)
+            expected: ml_collections.ConfigDict | None = None,
+            mesh: jax.sharding.Mesh | None = None) -> str:
+  """Hugging Face directory -> a starflow2_jax parameter checkpoint (orbax + config.json), placed on
+  `mesh` (default: all devices, FSDP) while it is written."""
+  params, config = load_hf_qwen2_5_vl(checkpoint, dtype=dtype, expected=expected,
+                                      mesh=mesh or all_devices_mesh())
   return ckpt.save_params(out, params, config, {"source": "hf_qwen2_5_vl",
                                                 "checkpoint": os.path.abspath(checkpoint)})
