@@ -114,8 +114,10 @@ class Attention(nn.Module):
     new_kv = None
     if cache_kv is not None:
       k_all, v_all, layer, index = cache_kv
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
+      zero = jnp.zeros((), index.dtype)  # all start indices in one dtype (also under x64)
+      start = (zero + layer, zero, index, zero, zero)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
       k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
       new_kv = (k_all, v_all)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5,
@@ -176,7 +178,8 @@ class Transformer(nn.Module):
     if cache is not None:
       if valid is None:
         valid = jnp.ones((b, t), bool)
-      cache = cache.replace(valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index)))
+      start = (jnp.zeros((), cache.index.dtype), cache.index)
+      cache = cache.replace(valid=jax.lax.dynamic_update_slice(cache.valid, valid, start))
     mask = causal_mask(t, valid, cache)
     layer_cls = nn.remat(TransformerLayer) if cfg.remat else TransformerLayer
     h = x.astype(cfg.dtype)
