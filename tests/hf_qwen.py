@@ -32,7 +32,8 @@ def hf_config(variant: str):
       tie_word_embeddings=tied)
 
 
-def build(variant: str, seed: int = 0):
+def build(variant: str, seed: int = 0, embed_std: float = 0.1):
+  """embed_std: std of the embedding and head weights (larger -> less repetitive greedy text)."""
   import torch
   from transformers import Qwen2_5_VLForConditionalGeneration
   torch.manual_seed(seed)
@@ -40,9 +41,10 @@ def build(variant: str, seed: int = 0):
   rng = np.random.default_rng(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
-      noise = torch.from_numpy(rng.normal(0.0, 0.1, tuple(p.shape)).astype(np.float32))
+      std = embed_std if "embed_tokens" in name or "lm_head" in name else 0.1
+      noise = torch.from_numpy(rng.normal(0.0, std, tuple(p.shape)).astype(np.float32))
       is_norm = "norm" in name or "ln_q" in name
-      p.copy_(1.0 + noise if is_norm else noise)
+      p.copy_(1.0 + noise if is_norm else noise)  # norm weights: 1 + N(0, 0.1^2)
   return model
 
 
