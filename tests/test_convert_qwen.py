@@ -150,3 +150,25 @@ def test_dtype_requests(hf_dirs, tmp_path):
     chat.load_vlm(out, dtype="float32")
   with pytest.raises(FileExistsError, match="non-empty"):
     conv.convert(str(hf_dirs / "bf16"), out)
+
+
+def test_sharded_forward_matches_single_device(hf_dirs):
+  """The imported model runs sharded (FSDP + tensor parallel from the config's logical rules, with the
+  activation constraints active) and gives the single-device logits."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from starflow2_jax.vlm.config import logical_rules
+  from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig
+  mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  params, config = conv.load_hf_qwen2_5_vl(str(hf_dirs / "single"), mesh=mesh)
+  single, _ = conv.load_hf_qwen2_5_vl(str(hf_dirs / "single"))
+  model = Qwen2_5_VL(QwenConfig.from_config(config.model))
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, 250, (2, 8)))
+  pos = jnp.broadcast_to(jnp.arange(8)[None, :, None], (2, 8, 3))
+  fwd = jax.jit(lambda p: model.apply({"params": p}, ids, positions=pos)["logits"])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(config)):
+    sharded = fwd(params)
+  want = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
+  assert sharded.sharding.is_equivalent_to(want, 3), sharded.sharding
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(fwd(single)), rtol=0, atol=1e-5)

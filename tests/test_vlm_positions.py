@@ -79,9 +79,9 @@ def test_rope_at_cache_positions(x64):
   ids = np.array([[5, 6, *_span(2, 3), 7, 8, 9]])
   pos, _ = mrope_positions(ids, None, [(2, 3)], IMAGE)
   ids, pos = jnp.asarray(ids), jnp.asarray(pos)
-  params = model.init(jax.random.key(0), ids, positions=pos)["params"]
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape, p.dtype),
-                        params)
+  init = lambda: jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape, p.dtype),
+                              model.init(jax.random.key(0), ids, positions=pos)["params"])
+  params = jax.jit(init)()
   fwd = jax.jit(lambda p, ids, pos, cache: model.apply({"params": p}, ids, positions=pos,
                                                        cache=cache))
   full = fwd(params, ids, pos, None)["hidden"]
