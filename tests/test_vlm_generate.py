@@ -113,3 +113,20 @@ def test_cache_update_is_donated(model_params):
   assert mem.temp_size_in_bytes < kv_bytes
   _, new = gen.jitted_step(model, params, cache, tokens, pos)
   assert cache.k.is_deleted() and int(new.index) == 1
+
+
+def test_taps_and_hidden_state_convention(model_params):
+  """taps={j} is the raw residual stream after layer j (what Pretzel reads); hidden_states follows
+  HF (embeddings, layers 1..L-1, final-normed), and the logits come from the final-normed state."""
+  model, params = model_params
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, 200, (2, 6)))
+  pos = jnp.broadcast_to(jnp.arange(6)[None, :, None], (2, 6, 3))
+  out = jax.jit(lambda p: model.apply({"params": p}, ids, positions=pos, collect_hidden=True,
+                                      taps=(1, 2)))(params)
+  hs = out["hidden_states"]
+  assert len(hs) == CFG.num_layers + 1
+  np.testing.assert_array_equal(out["taps"][1], hs[1])
+  np.testing.assert_array_equal(hs[-1], out["hidden"])
+  assert not np.allclose(out["taps"][2], out["hidden"])  # the last tap is before the final norm
+  with pytest.raises(ValueError, match="tap layer 3 out of range"):
+    model.apply({"params": params}, ids, positions=pos, taps=(3,))
