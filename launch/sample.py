@@ -21,6 +21,7 @@ flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("out", None, "Directory for generation.json (optional).")
+flags.DEFINE_list("mesh", None, "FSDP,TENSOR: shard the model over FSDP*TENSOR devices (default: one).")
 flags.mark_flags_as_required(["checkpoint"])
 FLAGS = flags.FLAGS
 
@@ -28,7 +29,8 @@ FLAGS = flags.FLAGS
 def sample_vlm():
   record = chat.chat(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.prompt, FLAGS.image,
                      max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                     top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, out=FLAGS.out)
+                     top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, out=FLAGS.out,
+                     mesh_shape=tuple(int(n) for n in FLAGS.mesh) if FLAGS.mesh else None)
   print(record["text"])
 
 

@@ -77,6 +77,14 @@ def test_cli_greedy_equals_transformers_generate(setup, with_image):
   assert record["text"] in stdout
 
 
+def test_sharded_chat_equals_transformers_generate(setup):
+  """The library chat on a (fsdp=2, tensor=4) mesh of the 8 test devices, with an image."""
+  hf, root, tok, image = setup
+  record = chat.chat(str(root / "ck"), tok, "Sharded?", images=[str(image)], max_new_tokens=NEW,
+                     mesh_shape=(2, 4))
+  assert record["generated_ids"] == _hf_generate(hf, record["prompt_ids"], image)
+
+
 def test_preprocessing_matches_hf_image_processor(setup):
   from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
   _, _, _, image = setup

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -142,16 +141,6 @@ def _as_ours(path: tuple[str, ...], t: np.ndarray) -> np.ndarray:
   return t.T
 
 
-def param_shardings(abstract: Any, mesh: jax.sharding.Mesh | None, rules) -> Any:
-  """Boxed abstract params -> a tree of shardings (NamedSharding from the logical rules, or one device).
-
-  Small and local on purpose: `starflow2_jax.parallel` will own this once it lands."""
-  if mesh is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda _: dev, nn.unbox(abstract))
-  return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-
-
 def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
                        mesh: jax.sharding.Mesh | None = None,
                        expected: ml_collections.ConfigDict | None = None):
@@ -175,7 +164,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
     check_same_model(expected, config, checkpoint)
   cfg = QwenConfig.from_config(config.model)
   abstract = abstract_params(cfg)
-  shardings = param_shardings(abstract, mesh, vlm_config.logical_rules(config))
+  shardings = vlm_config.param_shardings(abstract, mesh, vlm_config.logical_rules(config))
   if cfg.tie_word_embeddings and "lm_head.weight" in file_keys:
     raise ValueError(f"{checkpoint}: config.json says tie_word_embeddings=true, but the file holds "
                      "lm_head.weight (an untied head); fix the config or the file")
