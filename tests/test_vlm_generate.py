@@ -1,4 +1,5 @@
 """Property 36: cached text generation equals the full forward; sampling filters; cache donation."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,16 +16,17 @@ IMAGE = 250
 
 @pytest.fixture(scope="module")
 def model_params():
+  """The tiny model with every parameter N(0, 0.3^2) (no zero biases, no unit norms)."""
   model = Qwen2_5_VL(CFG)
-  ids = jnp.zeros((1, 4), jnp.int32)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), ids,
-                                              positions=jnp.zeros((1, 4, 3), jnp.int32))["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                        is_leaf=lambda x: hasattr(x, "value"))
-  return model, params
+
+  def init():
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                                 positions=jnp.zeros((1, 4, 3), jnp.int32))["params"])
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+  return model, jax.jit(init)()
 
 
 def _left_padded(rng, lengths):
