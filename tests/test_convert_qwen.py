@@ -113,7 +113,8 @@ def _edit_config(d, edit):
 
 def test_architecture_mismatch(hf_dirs, tmp_path):
   d = _copy(hf_dirs, tmp_path)
-  _edit_config(d, lambda c: c.update(model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"]))
+  _edit_config(d, lambda c: c.update(model_type="qwen2_vl",
+                                     architectures=["Qwen2VLForConditionalGeneration"]))
   with pytest.raises(ValueError, match="expected model_type 'qwen2_5_vl'.*found model_type 'qwen2_vl'"):
     conv.load_hf_qwen2_5_vl(str(d))
 

@@ -49,5 +49,6 @@ def test_real_shapes_and_parameter_counts():
 def test_sliding_window_and_bad_sections_are_refused():
   with pytest.raises(ValueError, match="use_sliding_window"):
     config_from_hf(dict(HUB_7B, use_sliding_window=True), "bfloat16")
-  with pytest.raises(ValueError, match=r"mrope_section must sum to head_dim/2 = 64, found \[16, 24, 16\]"):
+  with pytest.raises(ValueError,
+                     match=r"mrope_section must sum to head_dim/2 = 64, found \[16, 24, 16\]"):
     config_from_hf(dict(HUB_7B, rope_scaling={"mrope_section": [16, 24, 16]}), "bfloat16")

@@ -85,7 +85,8 @@ def test_two_images_of_different_sizes(pair):
     ref_feats = torch.cat(hf.model.get_image_features(
         torch.as_tensor(pix), torch.as_tensor(GRIDS)).pooler_output).numpy()
     ref = hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(pix),
-             image_grid_thw=torch.as_tensor(GRIDS), mm_token_type_ids=torch.as_tensor(ids == IMAGE).int(),
+             image_grid_thw=torch.as_tensor(GRIDS),
+             mm_token_type_ids=torch.as_tensor(ids == IMAGE).int(),
              attention_mask=torch.ones(ids.shape, dtype=torch.long), output_hidden_states=True)
   _close(feats, ref_feats, "vision tower output")
   is_img = ids == IMAGE

@@ -50,7 +50,8 @@ def config_from_hf(hf: dict, dtype: str) -> ml_collections.ConfigDict:
     return text.get(key, hf.get(key, default))
 
   if get("use_sliding_window", False):
-    raise ValueError("config.json: use_sliding_window is true; sliding-window attention is not supported")
+    raise ValueError("config.json: use_sliding_window is true; sliding-window attention is not "
+                     "supported")
   if get("hidden_act", "silu") != "silu":
     raise ValueError(f"config.json: expected hidden_act 'silu', found {get('hidden_act')!r}")
   rope = get("rope_parameters") or {}
@@ -99,8 +100,8 @@ def normalise_key(key: str) -> str:
   return key
 
 
-_LM_LAYER = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn/q": "self_attn.q_proj",
-             "attn/k": "self_attn.k_proj", "attn/v": "self_attn.v_proj", "attn/out": "self_attn.o_proj",
+_LM_LAYER = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",
+             "attn/q": "self_attn.q_proj", "attn/k": "self_attn.k_proj", "attn/v": "self_attn.v_proj", "attn/out": "self_attn.o_proj",
              "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj", "mlp/down": "mlp.down_proj"}
 _VIS_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn/qkv": "attn.qkv", "attn/out": "attn.proj",
               "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj", "mlp/down": "mlp.down_proj"}
@@ -174,7 +175,8 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
     names = tuple(k.key for k in path)
     name = hf_name(names)
     if name not in file_keys:
-      raise KeyError(f"{checkpoint}: tensor {name} (for {'/'.join(names)}, shape {leaf.shape}) is missing")
+      raise KeyError(f"{checkpoint}: tensor {name} (for {'/'.join(names)}, shape {leaf.shape}) "
+                     "is missing")
     used.add(name)
     view = _as_ours(names, files.get(file_keys[name]))
     if tuple(view.shape) != tuple(leaf.shape):
