@@ -79,12 +79,15 @@ def test_rope_at_cache_positions(x64):
   ids = np.array([[5, 6, *_span(2, 3), 7, 8, 9]])
   pos, _ = mrope_positions(ids, None, [(2, 3)], IMAGE)
   ids, pos = jnp.asarray(ids), jnp.asarray(pos)
-  init = lambda: jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape, p.dtype),
-                              model.init(jax.random.key(0), ids, positions=pos)["params"])
-  params = jax.jit(init)()
-  fwd = jax.jit(lambda p, ids, pos, cache: model.apply({"params": p}, ids, positions=pos,
-                                                       cache=cache))
-  full = fwd(params, ids, pos, None)["hidden"]
+  fwd = lambda p, ids, pos, cache: model.apply({"params": p}, ids, positions=pos, cache=cache)
+
+  def init_and_full():  # one compile for the random parameters and the full forward
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape, p.dtype),
+                          model.init(jax.random.key(0), ids, positions=pos)["params"])
+    return params, fwd(params, ids, pos, None)["hidden"]
+
+  params, full = jax.jit(init_and_full)()
+  fwd = jax.jit(fwd)
   cache = cfg.init_cache(1, 16)
   outs = []
   for lo, hi in [(0, 4)] + [(t, t + 1) for t in range(4, ids.shape[1])]:
