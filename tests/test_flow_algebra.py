@@ -351,3 +351,24 @@ def test_bad_inputs():
     tiny_config("tarflow", image=(5, 6))
   with pytest.raises(ValueError, match="unknown model config field"):
     flows.FlowConfig.from_config({"widht": 3})
+
+
+# --------------------------------------------------------------------------------------------- 51
+
+
+def test_float32_islands_with_bfloat16_trunk():
+  kw = dict(layers=(1, 2), num_classes=3)
+  m32, v, x, labels, _ = build(tiny_config("starflow", **kw))
+  m16 = flows.FlowModel(tiny_config("starflow", dtype="bfloat16", param_dtype="float32", **kw))
+  out16 = jax.eval_shape(lambda v, x: m16.apply(v, x, labels), v, x)
+  assert out16.z.dtype == jnp.float32 and out16.logdets.dtype == jnp.float32
+  assert all(l.dtype == jnp.float32 for l in out16.block_logdets)
+  assert all(u.dtype == jnp.float32 for u in out16.block_outputs)
+  _, _, th = jax.eval_shape(lambda v, x: m16.apply(v, 0, x, labels,
+                                                   method=flows.FlowModel.block_forward), v, x)
+  assert {a.dtype for a in th} == {jnp.dtype(jnp.float32)}
+  samples = jax.eval_shape(lambda v, x: flows.reverse(m16, v, x, labels, guidance=1.0)[0], v, x)
+  assert samples.dtype == jnp.float32
+  l32 = float(flows.loss(m32.apply(v, x, labels)))
+  l16 = float(flows.loss(jax.jit(m16.apply)(v, x, labels)))
+  assert abs(l16 - l32) <= 2e-2 * max(1.0, abs(l32)), (l16, l32)
