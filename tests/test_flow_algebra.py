@@ -349,6 +349,11 @@ def test_bad_inputs():
     m.init(jax.random.key(0), jnp.zeros((1, 6, 12)))
   with pytest.raises(ValueError, match="not divisible by model.patch_size"):
     tiny_config("tarflow", image=(5, 6))
+  with pytest.raises(ValueError, match=r"images: expected shape \[B, 4, 6, 2\] \(model.image_size="
+                                       r"\[4, 6\], model.channels=2\), got \[1, 4, 6, 3\]"):
+    flows.image_tokens(cfg, jnp.zeros((1, 4, 6, 3)))  # channels mismatch
+  with pytest.raises(ValueError, match=r"expected shape \[B, 4, 6, 2\].*got \[1, 8, 8, 2\]"):
+    flows.image_tokens(cfg, jnp.zeros((1, 8, 8, 2)))  # wrong image size for the config
   with pytest.raises(ValueError, match="unknown model config field"):
     flows.FlowConfig.from_config({"widht": 3})
 

@@ -21,7 +21,7 @@ from starflow2_jax import ckpt, images
 from starflow2_jax.flows.config import FlowConfig
 from starflow2_jax.flows.guidance import Guidance
 from starflow2_jax.flows.model import FlowModel
-from starflow2_jax.flows.patchify import unpatchify
+from starflow2_jax.flows.patchify import token_images
 from starflow2_jax.flows.sampling import Jacobi, denoise, noise, reverse
 
 OUTPUTS = ("samples.npy", "samples.png")
@@ -91,7 +91,7 @@ def sample_to_dir(checkpoint: str, out: str, *, num: int | None = None,
   x, info = run(variables, z, y)
   if denoise_samples:
     x = jax.jit(functools.partial(denoise, model))(variables, x, y)
-  imgs = np.asarray(unpatchify(x, cfg.patch_size, cfg.layout, cfg.image_shape), np.float32)
+  imgs = np.asarray(token_images(cfg, x), np.float32)
   os.makedirs(out, exist_ok=True)
   np.save(os.path.join(out, "samples.npy"), imgs)
   images.save_grid(os.path.join(out, "samples.png"), imgs)

@@ -148,6 +148,14 @@ class FlowConfig:
   def rope_pt(self) -> float:
     return self.pt_seq_len or math.sqrt(self.num_tokens)
 
+  def check_images(self, images) -> None:
+    """Raise a ValueError naming the config fields unless images is [B, H, W, C] of this model."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+      h, w, c = self.image_shape
+      raise ValueError(
+          f"images: expected shape [B, {h}, {w}, {c}] (model.image_size={list(self.image_size)}, "
+          f"model.channels={c}), got {list(images.shape)}")
+
   @property
   def compute_dtype(self):
     return _dtype(self.dtype)
