@@ -19,9 +19,9 @@ CONDITIONING = ("all", "deep")
 POSITIONS = ("learned", "rope2d")
 DEQUANT = ("gaussian", "uniform")
 
-# STARFlow's softplus offset: softplus(a + 0.5413) = 1 at a = 0 (0.5413 = log(e - 1), as the reference
-# rounds it).
-SOFTPLUS_SHIFT = 0.5413
+# STARFlow's softplus offset log(e - 1) ~ 0.5413: softplus(a + SOFTPLUS_SHIFT) = 1 at a = 0. The
+# reference code uses the full-precision value (INV_SOFTPLUS_1 = 0.541324854612918).
+SOFTPLUS_SHIFT = math.log(math.e - 1.0)
 
 
 def _dtype(name: str):
@@ -147,6 +147,14 @@ class FlowConfig:
   @property
   def rope_pt(self) -> float:
     return self.pt_seq_len or math.sqrt(self.num_tokens)
+
+  def check_images(self, images) -> None:
+    """Raise a ValueError naming the config fields unless images is [B, H, W, C] of this model."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+      h, w, c = self.image_shape
+      raise ValueError(
+          f"images: expected shape [B, {h}, {w}, {c}] (model.image_size={list(self.image_size)}, "
+          f"model.channels={c}), got {list(images.shape)}")
 
   @property
   def compute_dtype(self):

@@ -44,3 +44,14 @@ def unpatchify(tokens: jax.Array, patch: int, layout: str, image_shape: tuple[in
     raise ValueError(f"unpatchify: tokens for {h}x{w}x{c} images with patch {patch} must have shape "
                      f"[B, {expected[0]}, {expected[1]}], got {tuple(tokens.shape)}")
   return einops.rearrange(tokens, _INVERSE[layout], h=h // patch, p1=patch, p2=patch, c=c)
+
+
+def image_tokens(cfg, images: jax.Array) -> jax.Array:
+  """Images [B, H, W, C] of the model `cfg` (a FlowConfig; checked) -> tokens in its layout."""
+  cfg.check_images(images)
+  return patchify(images, cfg.patch_size, cfg.layout)
+
+
+def token_images(cfg, tokens: jax.Array) -> jax.Array:
+  """Tokens in the model's layout -> images [B, H, W, C]."""
+  return unpatchify(tokens, cfg.patch_size, cfg.layout, cfg.image_shape)

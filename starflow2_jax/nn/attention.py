@@ -114,8 +114,9 @@ class Attention(nn.Module):
     new_kv = None
     if cache_kv is not None:
       k_all, v_all, layer, index = cache_kv
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
+      start = _slot_index(layer, 0, index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
       k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
       new_kv = (k_all, v_all)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5,
@@ -123,6 +124,11 @@ class Attention(nn.Module):
     out = out.reshape(b, t, nh * hd)
     out = dense(x.shape[-1], ("heads", "embed"), cfg.out_bias, "out")(out)
     return out, new_kv
+
+
+def _slot_index(*idx):
+  """Start indices for dynamic_update_slice, all int32 (Python ints would become int64 under x64)."""
+  return tuple(jnp.asarray(i, jnp.int32) for i in idx)
 
 
 class TransformerLayer(nn.Module):
@@ -176,7 +182,8 @@ class Transformer(nn.Module):
     if cache is not None:
       if valid is None:
         valid = jnp.ones((b, t), bool)
-      cache = cache.replace(valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index)))
+      cache = cache.replace(
+          valid=jax.lax.dynamic_update_slice(cache.valid, valid, _slot_index(0, cache.index)))
     mask = causal_mask(t, valid, cache)
     layer_cls = nn.remat(TransformerLayer) if cfg.remat else TransformerLayer
     h = x.astype(cfg.dtype)
@@ -195,5 +202,5 @@ class Transformer(nn.Module):
       if collect_hidden:
         hidden.append(h)
     if cache is not None:
-      cache = cache.replace(k=k_all, v=v_all, index=cache.index + t)
+      cache = cache.replace(k=k_all, v=v_all, index=(cache.index + t).astype(jnp.int32))
     return h, cache, tuple(hidden)

@@ -150,5 +150,6 @@ class Mlp(nn.Module):
 def check_shape(name: str, x: jax.Array, expected: Sequence[int | None]) -> None:
   """Raise a ValueError naming `name` unless x.shape matches `expected` (None = any)."""
   if len(x.shape) != len(expected) or any(e is not None and e != s for s, e in zip(x.shape, expected)):
-    exp = tuple("*" if e is None else e for e in expected)
-    raise ValueError(f"{name}: expected shape {exp}, got {tuple(x.shape)}")
+    exp = ", ".join("*" if e is None else str(e) for e in expected)
+    got = ", ".join(str(s) for s in x.shape)
+    raise ValueError(f"{name}: expected shape [{exp}], got [{got}]")

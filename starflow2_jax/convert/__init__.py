@@ -1,0 +1,1 @@
+"""Importers of published checkpoints (Hugging Face safetensors, PyTorch state dicts)."""
