@@ -17,7 +17,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from starflow2_jax import parallel
+from starflow2_jax import ckpt, parallel
 from starflow2_jax.data import pipeline
 from starflow2_jax.train import checkpointing, state as state_lib
 
@@ -99,6 +99,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, env):
   ma = json.loads((a / "summary.json").read_text())["metrics"]
   mb = json.loads((b / "summary.json").read_text())["metrics"]
   assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]
+  # the final parameters are exported as a parameter checkpoint that carries the config (launch.sample)
+  assert ckpt.load_config(str(a / "params_0000012")).model.width == 32
+  exported = ckpt.load_params(str(a / "params_0000012"))
+  for x, y in zip(jax.tree.leaves(exported["params"]), jax.tree.leaves(sa["params"])):
+    assert np.array_equal(np.asarray(x), y)
 
 
 def test_sigterm_writes_final_checkpoint_and_exits_cleanly(tmp_path, env):

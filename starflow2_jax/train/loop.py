@@ -6,6 +6,8 @@ samples, held-out evaluation.
   WORKDIR/samples/       sample grids, samples_<step>.png
   WORKDIR/config*.json   the config of each start (never overwritten)
   WORKDIR/eval_<step>.json  held-out metrics at the end of a run
+  WORKDIR/params_<step>/ the final parameters (the EMA when there is one) as a `starflow2_jax.ckpt`
+                         parameter checkpoint with its config: `launch.sample --checkpoint=` reads it
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from starflow2_jax import logging_utils, parallel
+from starflow2_jax import ckpt, logging_utils, parallel
 from starflow2_jax.data import pipeline
 from starflow2_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib, tasks
 
@@ -220,11 +222,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   summary: dict[str, Any] = {"step": step, "preempted": False, "metrics": last_metrics,
                              "steps_per_sec": steps_timed / t_train if t_train > 0 else None,
                              "params": n_params}
+  final = state.ema_params if state.ema_params is not None else state.params
+  export = os.path.join(workdir, f"params_{step:07d}")
+  if not os.path.exists(export):
+    summary["export"] = ckpt.save_params(export, {"params": final}, config, {
+        "step": step, "weights": "ema" if state.ema_params is not None else "params",
+        "source": "launch.train"})
   if int(config.log.eval_examples) != 0:
     eval_source = pipeline.build_source(config.data, config.data.eval_split)
     limit = None if int(config.log.eval_examples) < 0 else int(config.log.eval_examples)
-    params = state.ema_params if state.ema_params is not None else state.params
-    summary["eval"] = evaluate(task, params, task.frozen, eval_source, mesh, global_batch,
+    summary["eval"] = evaluate(task, final, task.frozen, eval_source, mesh, global_batch,
                                eval_rng, limit)
     logging.info("held-out (%s split) at step %d: %s", config.data.eval_split, step, summary["eval"])
     if jax.process_index() == 0:
