@@ -62,7 +62,7 @@ def _params(workdir, step):
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   two = _two_processes(tmp_path / "two", OVERRIDES, tmp_path / "cache")
-  one = loop.train_and_evaluate(tiny_config(**OVERRIDES, **EVAL), str(tmp_path / "one"))
+  one = loop.train_and_evaluate(tiny_config(**{**OVERRIDES, **EVAL}), str(tmp_path / "one"))
   assert two["step"] == one["step"] == 3
   lo, lt = one["metrics"]["loss"], two["metrics"]["loss"]
   assert abs(lo - lt) <= 1e-5 * max(1, abs(lo))

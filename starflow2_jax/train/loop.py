@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -121,6 +122,23 @@ def write_samples(task: tasks.Task, params, frozen, rng, num: int, path: str) ->
   images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
   return logging_utils.write_png_grid(path, logging_utils.to_uint8(images),
                                       upscale=max(1, 128 // images.shape[1]))
+
+
+def export_params(path: str, variables, config: ml_collections.ConfigDict, metadata: dict) -> str:
+  """Write `variables` as a `starflow2_jax.ckpt` parameter checkpoint (config.json, params/, meta.json
+  last), from every process: each writes its own shards."""
+  if jax.process_index() == 0:
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  multihost_utils.sync_global_devices(f"export_params_{path}")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, "params"), variables)
+  multihost_utils.sync_global_devices(f"export_params_saved_{path}")
+  if jax.process_index() == 0:  # written last: marks a complete checkpoint
+    with open(os.path.join(path, "meta.json"), "w") as f:
+      json.dump({"format": ckpt.FORMAT, "version": 1, **metadata}, f, indent=2)
+  return path
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -224,8 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              "params": n_params}
   final = state.ema_params if state.ema_params is not None else state.params
   export = os.path.join(workdir, f"params_{step:07d}")
-  if not os.path.exists(export):
-    summary["export"] = ckpt.save_params(export, {"params": final}, config, {
+  if not int(multihost_utils.broadcast_one_to_all(np.int32(os.path.exists(export)))):
+    summary["export"] = export_params(export, {"params": final}, config, {
         "step": step, "weights": "ema" if state.ema_params is not None else "params",
         "source": "launch.train"})
   if int(config.log.eval_examples) != 0:
