@@ -137,6 +137,10 @@ def _small_state(mesh, width=8, seed=0):
   return jax.device_put(state, sh), sh
 
 
+def _abstract(sh, state):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, sh)
+
+
 def _data_iter():
   cfg = pipeline.default_data_config()
   cfg.image_size = 8
@@ -167,7 +171,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   (tmp_path / "3.orbax-checkpoint-tmp-1234").mkdir()  # an interrupted save: invisible to orbax
   ck = checkpointing.Checkpointer(tmp_path, _ckpt_config())
   it = _data_iter()
-  abstract = state_lib.abstract_state(sh, states[1])
+  abstract = _abstract(sh, states[1])
   with caplog.at_level(logging.WARNING):
     state, meta = ck.restore_latest(abstract, it)
   ck.close()
@@ -186,8 +190,13 @@ def test_incompatible_config_names_mismatching_shapes(tmp_path):
   other, sh = _small_state(mesh, width=16)
   ck = checkpointing.Checkpointer(tmp_path, _ckpt_config())
   with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\]: expected \(8, 16\), found \(8, 8\)"):
-    ck.restore_latest(state_lib.abstract_state(sh, other), _data_iter())
+    ck.restore_latest(_abstract(sh, other), _data_iter())
+  same, sh = _small_state(mesh)
+  with_ema = same.replace(ema_params=same.params)
+  with pytest.raises(ValueError, match="train.ema_decay"):
+    ck.restore_latest(_abstract(sh.replace(ema_params=sh.params), with_ema), _data_iter())
   ck.close()
+  assert os.listdir(tmp_path) == ["1"]  # nothing moved aside: an incompatible config is not corruption
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
@@ -195,7 +204,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
   mesh2 = parallel.make_mesh({"shape": {"data": 2, "fsdp": 2, "tensor": 2}})
   target, sh2 = _small_state(mesh2)
   ck = checkpointing.Checkpointer(tmp_path, _ckpt_config())
-  state, _ = ck.restore_latest(state_lib.abstract_state(sh2, target), _data_iter())
+  state, _ = ck.restore_latest(_abstract(sh2, target), _data_iter())
   ck.close()
   k = state.params["dense"]["kernel"]
   assert k.sharding == sh2.params["dense"]["kernel"]

@@ -63,10 +63,9 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-  def _stored_params(self, step: int) -> Any:
+  def _stored_state(self, step: int) -> Any:
     stored = self.manager.item_metadata(step)["state"]
-    stored = getattr(stored, "item_metadata", stored)
-    return stored["params"]
+    return getattr(stored, "item_metadata", stored)
 
   def _move_aside(self, step: int) -> None:
     src = os.path.join(self.directory, str(step))
@@ -85,14 +84,19 @@ class Checkpointer:
     Returns (state, meta), or None if there is no checkpoint."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        stored = self._stored_params(step)
+        stored = self._stored_state(step)
       except Exception as e:  # noqa: BLE001 - any failure to read metadata means an unreadable step
         logging.warning("checkpoint %d in %s has unreadable metadata (%s: %s); falling back to the "
                         "previous one", step, self.directory, type(e).__name__, e)
         self._move_aside(step)
         continue
-      ckpt.check_tree_shapes({"params": abstract.params}, {"params": stored},
-                             what=f"checkpoint {self.directory}/{step}")
+      where = f"checkpoint {self.directory}/{step}"
+      ckpt.check_tree_shapes({"params": abstract.params}, {"params": stored["params"]}, what=where)
+      n_stored, n_expected = len(jax.tree.leaves(stored)), len(jax.tree.leaves(abstract))
+      if n_stored != n_expected:
+        raise ValueError(f"{where} holds a train state of {n_stored} arrays, the config expects "
+                         f"{n_expected}: the optimizer or train.ema_decay differ from the run that "
+                         "saved it; use the same settings or a new --workdir")
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter),

@@ -163,16 +163,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   schedule = optimizer.learning_rate_schedule(tc)
   base_rng = jax.random.key(int(tc.seed))
   init_rng, step_rng, sample_rng, eval_rng = (jax.random.fold_in(base_rng, i) for i in range(4))
-  state, state_sh = state_lib.init_sharded(task.init_fn, tx, init_rng, mesh, rules,
-                                           use_ema=float(tc.ema_decay) > 0)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  use_ema = float(tc.ema_decay) > 0
+  state_sh = state_lib.state_shardings(task.init_fn, tx, init_rng, mesh, rules, use_ema)
+  abstract = state_lib.abstract_state(task.init_fn, tx, init_rng, state_sh)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   logging.info("trainable parameters: %d", n_params)
 
   ckptr = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  restored = ckptr.restore_latest(state_lib.abstract_state(state_sh, state), data_iter)
+  restored = ckptr.restore_latest(abstract, data_iter)  # onto this config's mesh, whatever saved it
   if restored is not None:
     state, meta = restored
     logging.info("resumed at step %d (saved on mesh %s)", int(state.step), meta.get("mesh"))
+  else:
+    state, _ = state_lib.init_sharded(task.init_fn, tx, init_rng, mesh, rules, use_ema)
   step = int(state.step)
 
   train_step = step_lib.make_train_step(task.loss_fn, tx, schedule, tc, mesh, rules, state_sh,

@@ -50,23 +50,27 @@ def state_shardings(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTrans
                     ema_params=param_sh if use_ema else None, skipped=rep)
 
 
+def _init_state(init_fn, tx, use_ema: bool):
+  def init(rng):
+    params = nn.unbox(init_fn(rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if use_ema else None, skipped=jnp.zeros((), jnp.int32))
+  return init
+
+
 def init_sharded(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, rng: jax.Array,
                  mesh: jax.sharding.Mesh, rules, use_ema: bool) -> tuple[TrainState, TrainState]:
   """Build the TrainState directly in its sharded layout: eval_shape -> logical specs -> mesh
   shardings -> `jax.jit(init, out_shardings=...)`. Returns (state, state_shardings); nothing is ever
   materialised unsharded."""
   state_sh = state_shardings(init_fn, tx, rng, mesh, rules, use_ema)
-
-  def init(rng):
-    params = nn.unbox(init_fn(rng))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params if use_ema else None, skipped=jnp.zeros((), jnp.int32))
-
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = jax.jit(init, out_shardings=state_sh)(rng)
+    state = jax.jit(_init_state(init_fn, tx, use_ema), out_shardings=state_sh)(rng)
   return state, state_sh
 
 
-def abstract_state(state_sh: TrainState, state: TrainState) -> TrainState:
-  """ShapeDtypeStructs with shardings, the restore target for a checkpoint."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+def abstract_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                   rng: jax.Array, state_sh: TrainState) -> TrainState:
+  """ShapeDtypeStructs with shardings (nothing allocated): the restore target for a checkpoint."""
+  shapes = jax.eval_shape(_init_state(init_fn, tx, state_sh.ema_params is not None), rng)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
