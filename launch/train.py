@@ -18,6 +18,9 @@ def main(argv):
   from starflow2_jax import parallel  # imported after flag parsing: grain workers spawn this module
   from starflow2_jax.train import loop
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  import jax
+  if jax.process_index() != 0:  # absl logging from process 0; the others only warn
+    logging.set_verbosity(logging.WARNING)
   summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("done: %s", {k: v for k, v in summary.items() if k != "metrics"})
 
