@@ -106,7 +106,7 @@ class ShapesWorldSource:
 
   @staticmethod
   def qa(shapes: list[dict]) -> tuple[list[str], list[str]]:
-    qs = [f"how many shapes are there?"]
+    qs = ["how many shapes are there?"]
     ans = [NUMBERS[len(shapes)]]
     kinds = [s["kind"] for s in shapes]
     colours = [s["colour"] for s in shapes]
