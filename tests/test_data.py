@@ -115,6 +115,7 @@ def test_iterator_state_restores_the_next_batch():
   got = next(it2)
   for k in want:
     assert np.array_equal(want[k], got[k])
+  assert state == pipeline.iterator_state(7)  # the position is the step, whatever the process count
 
 
 def test_flip_is_applied_to_about_half():

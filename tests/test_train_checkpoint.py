@@ -147,7 +147,7 @@ def _data_iter():
   return pipeline.train_iterator(cfg, pipeline.build_source(cfg, "train"), 8, 0)
 
 
-def _save_steps(directory, mesh, steps):
+def _save_steps(directory, mesh, steps, process_count=1):
   ck = checkpointing.Checkpointer(directory, _ckpt_config())
   it = _data_iter()
   states = {}
@@ -155,7 +155,7 @@ def _save_steps(directory, mesh, steps):
     st, sh = _small_state(mesh, seed=s)
     st = st.replace(step=jnp.int32(s))
     next(it)
-    assert ck.save(s, st, it, {"step": s})
+    assert ck.save(s, st, it, {"step": s, "process_count": process_count})
     states[s] = st
   ck.close()
   return states, sh
@@ -199,13 +199,19 @@ def test_incompatible_config_names_mismatching_shapes(tmp_path):
   assert os.listdir(tmp_path) == ["1"]  # nothing moved aside: an incompatible config is not corruption
 
 
-def test_restore_onto_a_different_mesh(tmp_path):
-  states, _ = _save_steps(tmp_path, parallel.make_mesh({"shape": {"fsdp": 8}}), [1])
+def test_restore_onto_a_different_mesh_and_process_count(tmp_path, caplog):
+  # written "by 2 processes": grain's per-process iterator files do not apply; the position is the step
+  states, _ = _save_steps(tmp_path, parallel.make_mesh({"shape": {"fsdp": 8}}), [1, 2, 3],
+                          process_count=2)
   mesh2 = parallel.make_mesh({"shape": {"data": 2, "fsdp": 2, "tensor": 2}})
   target, sh2 = _small_state(mesh2)
   ck = checkpointing.Checkpointer(tmp_path, _ckpt_config())
-  state, _ = ck.restore_latest(_abstract(sh2, target), _data_iter())
+  it = _data_iter()
+  with caplog.at_level(logging.WARNING):
+    state, _ = ck.restore_latest(_abstract(sh2, target), it)
   ck.close()
+  assert it.get_state() == pipeline.iterator_state(3)
+  assert any("written by 2 processes" in r.getMessage() for r in caplog.records)
   k = state.params["dense"]["kernel"]
   assert k.sharding == sh2.params["dense"]["kernel"]
-  assert np.array_equal(np.asarray(k), np.asarray(states[1].params["dense"]["kernel"]))
+  assert np.array_equal(np.asarray(k), np.asarray(states[3].params["dense"]["kernel"]))

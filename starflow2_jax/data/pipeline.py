@@ -4,7 +4,8 @@ Order. Element k of the infinite training stream is record `perm_e[k mod N]`, wh
 epoch and `perm_e` a permutation drawn from (seed, e). Global batch s holds stream elements
 [s*B, (s+1)*B); process p loads rows [p*B/P, (p+1)*B/P) of it. So the global batch, its order and every
 augmentation (drawn from (seed, k)) are independent of the number of processes and of worker threads,
-the processes' shards are disjoint and together cover each epoch, and the iterator state is the step.
+the processes' shards are disjoint and together cover each epoch, and the iterator state is the step
+(`iterator_state`), so a checkpoint restores onto any number of processes.
 
 Batches hold what the train step needs: {"image": uint8 [b, H, W, C], "label": int32 [b]}.
 """
@@ -106,6 +107,11 @@ def train_iterator(data: ml_collections.ConfigDict, source, global_batch: int, s
   if data.worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
   return iter(it_ds)
+
+
+def iterator_state(step: int) -> dict:
+  """The state of a `train_iterator` about to yield global batch `step` (the same on every process)."""
+  return {"next_index": int(step)}
 
 
 def eval_batches(source, batch_size: int, limit: int | None = None):

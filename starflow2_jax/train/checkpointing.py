@@ -25,6 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from starflow2_jax import ckpt
+from starflow2_jax.data import pipeline
 from starflow2_jax.train.state import TrainState
 
 CORRUPT_SUFFIX = ".corrupt"
@@ -99,8 +100,15 @@ class Checkpointer:
                          "saved it; use the same settings or a new --workdir")
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter),
-            meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        saved_by = int(out["meta"].get("process_count", jax.process_count()))
+        if saved_by == jax.process_count():
+          self.manager.restore(step, args=ocp.args.Composite(
+              data=grain.checkpoint.CheckpointRestore(data_iter)))
+        else:  # grain keeps one file per process; the pipeline's position is the step itself
+          logging.warning("checkpoint %d was written by %d processes, this run has %d: positioning "
+                          "the data iterator at step %d", step, saved_by, jax.process_count(), step)
+          data_iter.set_state(pipeline.iterator_state(int(out["meta"]["step"])))
       except Exception as e:  # noqa: BLE001 - partial or corrupt files
         logging.warning("checkpoint %d in %s could not be restored (%s: %s); falling back to the "
                         "previous one", step, self.directory, type(e).__name__, str(e)[:500])
