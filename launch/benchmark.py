@@ -95,6 +95,7 @@ class Settings:
 
   @classmethod
   def quick(cls, **kw) -> "Settings":
+    """Tiny sizes for a smoke test (tests/test_benchmark.py); `kw` overrides any field."""
     base = dict(width=64, tokens=16, layers=(1,), head_dim=32, batch=1, repeats=2, jacobi_block=4,
                 flops_width=64, flops_batch=2, peak_sizes=(256, 512))
     base.update(kw)
@@ -172,6 +173,7 @@ def ratios(num: Timing, den: Timing) -> dict:
 
 
 def ratio_text(r: dict) -> str:
+  """`ratios` as one line."""
   return (f"{r['of_medians']:.2f}x (per-round median {r['per_round_median']:.2f}x, range "
           f"{r['per_round_min']:.2f}-{r['per_round_max']:.2f}x)")
 
@@ -208,6 +210,7 @@ def differences(x, ref) -> dict:
 
 
 def describe(cfg, batch: int) -> str:
+  """One line naming the model size."""
   return (f"width {cfg.width}, {cfg.num_tokens} tokens, layers {cfg.layers_per_block}, "
           f"batch {batch}")
 
@@ -345,6 +348,7 @@ def bench_flops(s: Settings) -> dict:
 
 # -- driver ----------------------------------------------------------------------------------------
 def header() -> dict:
+  """Print and return the device and host description (load average: other processes' share)."""
   dev = jax.devices()[0]
   info = {"backend": jax.default_backend(), "device": str(dev), "device_kind": dev.device_kind,
           "device_count": jax.device_count(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
@@ -375,6 +379,7 @@ def run(s: Settings) -> dict:
 
 
 def settings_from_flags() -> Settings:
+  """Settings from the parsed flags (--quick replaces the size and repeat flags)."""
   kw = dict(parts=tuple(_PARTS.value), dtype=_DTYPE.value, seed=_SEED.value,
             jacobi_threshold=_JACOBI_THRESHOLD.value, jacobi_max_iter=_JACOBI_MAX_ITER.value,
             head_std=_HEAD_STD.value)
