@@ -18,6 +18,8 @@ install_requires = [
     "pillow>=10",
     "scikit-learn>=1.3",  # built-in digits dataset
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    "tqdm>=4.60",  # progress bar of interactive training runs
+    "importlib_resources>=6",  # needed by tensorflow-datasets' array_record builders without TensorFlow
     "safetensors>=0.4",
     "ml_dtypes>=0.4",
 ]

@@ -1,0 +1,119 @@
+"""The grain input pipeline: global-order batches, per-host slices, checkpointable iterator state.
+
+Order. Element k of the infinite training stream is record `perm_e[k mod N]`, where e = k div N is the
+epoch and `perm_e` a permutation drawn from (seed, e). Global batch s holds stream elements
+[s*B, (s+1)*B); process p loads rows [p*B/P, (p+1)*B/P) of it. So the global batch, its order and every
+augmentation (drawn from (seed, k)) are independent of the number of processes and of worker threads,
+the processes' shards are disjoint and together cover each epoch, and the iterator state is the step.
+
+Batches hold what the train step needs: {"image": uint8 [b, H, W, C], "label": int32 [b]}.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import grain
+import ml_collections
+import numpy as np
+
+from starflow2_jax.data.digits import DigitsSource
+from starflow2_jax.data.folder import FolderSource
+from starflow2_jax.data.shapesworld import ShapesWorldSource
+from starflow2_jax.data.tfds_source import TfdsSource
+
+DATASETS = ("digits", "shapesworld", "folder", "tfds")
+_FLIP_STREAM = 1  # sub-stream id of the flip draws in the (seed, element, stream) RNG
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "name": "digits",
+      "image_size": 16,
+      "channels": 1,
+      "flip": False,
+      "train_split": "train",
+      "eval_split": "test",
+      "worker_count": 0,  # grain worker processes (0: in the main process)
+      "prefetch": 2,  # batches prefetched by threads
+      "dir": "",  # folder: the directory with captions.jsonl
+      "tfds_name": "",  # tfds: dataset name
+      "data_dir": "",  # tfds: the array_record data_dir
+      "shapes_num_train": 20000,
+      "shapes_num_test": 1000,
+      "shapes_seed": 0,
+      "shapes_exclude": [],  # [[colour, kind], ...] kept out of the train split
+  })
+
+
+def build_source(data: ml_collections.ConfigDict, split: str):
+  """The random-access source named by `data.name` for a split."""
+  if data.name == "digits":
+    return DigitsSource(split, data.image_size, data.channels)
+  if data.name == "shapesworld":
+    n = data.shapes_num_train if split == "train" else data.shapes_num_test
+    return ShapesWorldSource(split, data.image_size, n, data.shapes_seed, data.shapes_exclude)
+  if data.name == "folder":
+    return FolderSource(data.dir, data.image_size, data.channels)
+  if data.name == "tfds":
+    return TfdsSource(data.tfds_name, data.data_dir, split)
+  raise ValueError(f"data.name={data.name!r}: expected one of {DATASETS}")
+
+
+class GlobalBatchLoader:
+  """Maps a step s to this process's rows of global batch s (picklable: grain may run it in workers)."""
+
+  def __init__(self, source, global_batch: int, seed: int, image_shape: tuple, flip: bool,
+               process_index: int, process_count: int):
+    self.source, self.global_batch, self.seed, self.flip = source, global_batch, seed, flip
+    self.image_shape = tuple(image_shape)
+    self.per_host = global_batch // process_count
+    self.offset = process_index * self.per_host
+
+  @functools.lru_cache(maxsize=2)
+  def _perm(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+
+  def element(self, k: int) -> dict:
+    """Stream element k (global position): the record and its augmentation."""
+    n = len(self.source)
+    i = int(self._perm(k // n)[k % n])
+    r = self.source[i]
+    img = np.asarray(r["image"])
+    if img.shape != self.image_shape:
+      raise ValueError(f"record {i}: image shape {img.shape}, expected {self.image_shape} from "
+                       "data.image_size and data.channels")
+    if self.flip and np.random.default_rng([self.seed, k, _FLIP_STREAM]).random() < 0.5:
+      img = img[:, ::-1]
+    return {"image": img, "label": np.int32(r.get("label", -1)), "index": np.int64(i)}
+
+  def __call__(self, step: int) -> dict:
+    start = int(step) * self.global_batch + self.offset
+    rows = [self.element(k) for k in range(start, start + self.per_host)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def train_iterator(data: ml_collections.ConfigDict, source, global_batch: int, seed: int,
+                   process_index: int = 0, process_count: int = 1):
+  """A checkpointable grain iterator over this process's slices of the global training batches."""
+  if global_batch % process_count:
+    raise ValueError(f"train.batch_size={global_batch} is not divisible by {process_count} processes")
+  loader = GlobalBatchLoader(source, global_batch, seed, (data.image_size, data.image_size, data.channels),
+                             data.flip, process_index, process_count)
+  ds = grain.MapDataset.range(sys.maxsize).map(loader)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, data.prefetch),
+                                               prefetch_buffer_size=data.prefetch))
+  if data.worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+  return iter(it_ds)
+
+
+def eval_batches(source, batch_size: int, limit: int | None = None):
+  """The held-out split in order, no augmentation: yields {"image", "label"} numpy batches (last one
+  possibly smaller)."""
+  n = len(source) if limit is None else min(limit, len(source))
+  for start in range(0, n, batch_size):
+    rows = [source[i] for i in range(start, min(n, start + batch_size))]
+    yield {"image": np.stack([r["image"] for r in rows]),
+           "label": np.asarray([r.get("label", -1) for r in rows], np.int32)}
+
