@@ -27,13 +27,14 @@ def test_cached_equals_full_forward(flavour):
   x = jax.random.normal(jax.random.key(0), (b, t, 32))
   pos = jnp.broadcast_to(jnp.arange(t)[None, :, None] * jnp.array([1, 2, 3]), (b, t, 3))
   ang = None if spec is None else spec.angles(pos)
-  params = model.init(jax.random.key(1), x, angles=ang)
-  full, _, _ = model.apply(params, x, angles=ang)
+  params = jax.jit(model.init)(jax.random.key(1), x, angles=ang)
+  apply = jax.jit(model.apply)
+  full, _, _ = apply(params, x, angles=ang)
   cache = cfg.init_cache(b, 16)
   outs = []
   for lo, hi in [(0, 4), (4, 5), (5, 6), (6, 9)]:
     a = None if ang is None else ang[:, lo:hi]
-    o, cache, _ = model.apply(params, x[:, lo:hi], angles=a, cache=cache)
+    o, cache, _ = apply(params, x[:, lo:hi], angles=a, cache=cache)
     outs.append(o)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
   assert int(cache.index) == t
