@@ -25,15 +25,20 @@ def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.n
   return grid
 
 
-def save_png(path: str, image: np.ndarray, overwrite: bool = False) -> str:
-  """Write an [H, W, C] uint8 image (C = 1 or 3) as PNG. Refuses to overwrite unless asked."""
+def save_png(path: str, image: np.ndarray, upscale: int = 1, overwrite: bool = False) -> str:
+  """Write an [H, W, C] uint8 image (C = 1 or 3) as PNG, optionally enlarged `upscale` times
+  (nearest neighbour). Creates the parent directory; refuses to overwrite unless asked."""
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; refusing to overwrite it")
-  img = image[..., 0] if image.shape[-1] == 1 else image
-  Image.fromarray(img).save(path)
+  img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  if upscale > 1:
+    img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  img.save(path)
   return path
 
 
-def save_grid(path: str, images: np.ndarray, cols: int | None = None, overwrite: bool = False) -> str:
+def save_grid(path: str, images: np.ndarray, cols: int | None = None, upscale: int = 1,
+              overwrite: bool = False) -> str:
   """[N, H, W, C] floats in [-1, 1] -> a PNG grid at `path`."""
-  return save_png(path, make_grid(to_uint8(images), cols), overwrite)
+  return save_png(path, make_grid(to_uint8(images), cols), upscale, overwrite)

@@ -120,7 +120,7 @@ def write_samples(task: tasks.Task, params, frozen, rng, num: int, path: str) ->
       jnp.full((num,), -1, jnp.int32)
   images = task.sample_fn(params, frozen, rng, labels)
   images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
-  return logging_utils.write_png_grid(path, logging_utils.to_uint8(images),
+  return logging_utils.write_png_grid(path, images,
                                       upscale=max(1, 128 // images.shape[1]))
 
 
