@@ -178,6 +178,22 @@ def logical_to_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules) -> 
                                           is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
+def param_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh | None, rules) -> Any:
+  """`logical_to_shardings`, or everything on the first device when there is no mesh."""
+  if mesh is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: dev, nn.unbox(abstract_tree))
+  return logical_to_shardings(abstract_tree, mesh, rules)
+
+
+def inference_mesh(fsdp: int, tensor: int) -> jax.sharding.Mesh:
+  """A (data=1, fsdp, tensor) mesh over the first fsdp*tensor devices (sampling, chat)."""
+  n = fsdp * tensor
+  if n > jax.device_count():
+    raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} needs {n} devices, found {jax.device_count()}")
+  return make_mesh({"shape": {"data": 1, "fsdp": fsdp, "tensor": tensor}}, jax.devices()[:n])
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
   """Leading (batch) axis split over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -158,7 +158,7 @@ def test_sharded_forward_matches_single_device(hf_dirs):
   activation constraints active) and gives the single-device logits."""
   import flax.linen as nn
   import jax.numpy as jnp
-  from starflow2_jax.vlm.config import logical_rules
+  from starflow2_jax.parallel import logical_rules
   from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig
   mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)

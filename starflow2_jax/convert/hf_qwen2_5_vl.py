@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from starflow2_jax import ckpt
+from starflow2_jax import ckpt, parallel
 from starflow2_jax.convert.safetensors_io import SafetensorsDir
 from starflow2_jax.vlm import config as vlm_config
 from starflow2_jax.vlm.model import QwenConfig, abstract_params
@@ -165,7 +165,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
     check_same_model(expected, config, checkpoint)
   cfg = QwenConfig.from_config(config.model)
   abstract = abstract_params(cfg)
-  shardings = vlm_config.param_shardings(abstract, mesh, vlm_config.logical_rules(config))
+  shardings = parallel.param_shardings(abstract, mesh, parallel.logical_rules(config))
   if cfg.tie_word_embeddings and "lm_head.weight" in file_keys:
     raise ValueError(f"{checkpoint}: config.json says tie_word_embeddings=true, but the file holds "
                      "lm_head.weight (an untied head); fix the config or the file")

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from starflow2_jax import ckpt
+from starflow2_jax.parallel import inference_mesh, logical_rules, param_shardings
 from starflow2_jax.vlm import tokenizer as tok_lib
-from starflow2_jax.vlm.config import MODEL_KIND, logical_rules, make_mesh, param_shardings
+from starflow2_jax.vlm.config import MODEL_KIND
 from starflow2_jax.vlm.generate import SamplingConfig, generate
 from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig, abstract_params
 from starflow2_jax.vlm.positions import mrope_positions
@@ -82,7 +83,7 @@ def chat(checkpoint: str, tokenizer: str, prompt: str, images: Sequence[str] = (
   if missing:
     raise FileNotFoundError(f"--image: no such file(s): {missing}")
   from PIL import Image
-  mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
+  mesh = None if mesh_shape is None else inference_mesh(*mesh_shape)
   model, params, config = load_vlm(checkpoint, mesh=mesh)
   with sharding_context(mesh, config):
     record = _answer(model, params, config, tok_lib.load_tokenizer(tokenizer), prompt,
