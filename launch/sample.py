@@ -49,6 +49,9 @@ FLAGS = flags.FLAGS
 
 
 def sample_vlm():
+  if FLAGS.config is not None:
+    raise ValueError("--config applies to flow checkpoints; a Qwen2.5-VL checkpoint is always read with "
+                     "the config stored next to its weights")
   record = chat.chat(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.prompt, FLAGS.image,
                      max_new_tokens=FLAGS.max_new_tokens,
                      temperature=0.0 if FLAGS.temperature is None else FLAGS.temperature,
