@@ -49,9 +49,6 @@ FLAGS = flags.FLAGS
 
 
 def sample_vlm():
-  if FLAGS.config is not None:
-    raise ValueError("--config applies to flow checkpoints; a Qwen2.5-VL checkpoint is always read with "
-                     "the config stored next to its weights")
   record = chat.chat(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.prompt, FLAGS.image,
                      max_new_tokens=FLAGS.max_new_tokens,
                      temperature=0.0 if FLAGS.temperature is None else FLAGS.temperature,
@@ -68,7 +65,8 @@ def sample_flow():
   record = flow_cli.sample_to_dir(
       FLAGS.checkpoint, FLAGS.out, num=FLAGS.num, config=FLAGS.config, noise_path=FLAGS.noise,
       labels=[int(l) for l in FLAGS.labels] if FLAGS.labels else None, guidance=FLAGS.guidance,
-      denoise_samples=FLAGS.denoise, temperature=1.0 if FLAGS.temperature is None else FLAGS.temperature, seed=FLAGS.seed,
+      denoise_samples=FLAGS.denoise,
+      temperature=1.0 if FLAGS.temperature is None else FLAGS.temperature, seed=FLAGS.seed,
       jacobi=jacobi)
   print(record)
 
@@ -78,6 +76,12 @@ SAMPLERS = {
     "qwen2_5_vl": sample_vlm,
     "flow": sample_flow,
 }
+# Flags that only one kind reads; giving one to the other kind is an error, never silently ignored.
+KIND_FLAGS = {
+    "qwen2_5_vl": ("tokenizer", "prompt", "image", "max_new_tokens", "top_k", "top_p", "mesh"),
+    "flow": ("config", "num", "noise", "labels", "guidance", "denoise", "jacobi_block",
+             "jacobi_threshold", "jacobi_max_iter"),
+}
 
 
 def main(argv):
@@ -86,6 +90,10 @@ def main(argv):
   if kind not in SAMPLERS:
     raise ValueError(f"{FLAGS.checkpoint}: config.model_kind must be one of {sorted(SAMPLERS)}, "
                      f"found {kind!r}")
+  stray = [f"--{name}" for other, names in KIND_FLAGS.items() if other != kind for name in names
+           if FLAGS[name].present]
+  if stray:
+    raise ValueError(f"{FLAGS.checkpoint} is a {kind!r} checkpoint; {stray} do not apply to it")
   SAMPLERS[kind]()
 
 

@@ -206,3 +206,6 @@ def test_command_line_convert_and_sample(tmp_path):
   with pytest.raises(subprocess.CalledProcessError) as e:  # never overwrite outputs
     run("launch.sample", f"--checkpoint={out}", "--num=2", f"--out={samples}")
   assert "already holds" in e.value.stderr
+  with pytest.raises(subprocess.CalledProcessError) as e:  # another kind's flag is never ignored
+    run("launch.sample", f"--checkpoint={out}", "--num=2", "--prompt=hi", f"--out={tmp_path / 'x'}")
+  assert "['--prompt'] do not apply" in e.value.stderr
