@@ -33,7 +33,7 @@ def get_config(arg=None):
       "dequant": "gaussian",
       "dtype": "float32",
       "attention_impl": "xla",
-      "remat": False,
+      "remat": "none",
   })
   config.data.name = "digits"
   config.data.image_size = IMAGE_SIZE

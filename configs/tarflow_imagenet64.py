@@ -42,7 +42,7 @@ def get_config(arg=None):
       "dequant": "gaussian",
       "dtype": "bfloat16",  # trunk compute; the flow maths and every loss reduction stay float32
       "attention_impl": "xla",
-      "remat": True,
+      "remat": "full",
   })
   config.data.name = "tfds"
   config.data.tfds_name = "imagenet_resized/64x64"

@@ -1,18 +1,25 @@
 """Meshes, the logical-axis rules table, multi-process start-up and global-array helpers.
 
-Every sharding in the project is decided by one table that maps logical axis names (carried by every
-weight via `nn.with_logical_partitioning` and every constrained activation) to the mesh axes
-`data`, `fsdp`, `tensor`. The table and the mesh shape live in the experiment config:
+Every sharding in the project is decided by one table (`DEFAULT_LOGICAL_RULES`, overridable by an
+experiment config) that maps logical axis names to the mesh axes `data`, `fsdp`, `tensor`. Three kinds
+of names, never mixed:
+  weights      (`nn.with_logical_partitioning`): embed, mlp, heads, kv_heads, qkv, vocab, layers, ...
+  activations  (`nn.with_logical_constraint`): activation_batch, activation_length, activation_embed, ...
+  KV caches    (`nn.KVCache`): cache_layers, cache_batch, cache_length, cache_kv_heads, cache_head_dim
 
   config.mesh.shape      {"data": -1, "fsdp": 1, "tensor": 1}   -1 = fill with the remaining devices
   config.mesh.dcn_shape  {"data": 1, "fsdp": 1, "tensor": 1}    slices across DCN (multi-slice TPU)
-  config.sharding.logical_rules  [["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"], ...]
+  config.sharding.logical_rules  optional override of the table: [["embed", "fsdp"], ...]
 
+Checkpoints carry no rules: the caller's mesh and config decide. Activation and cache constraints are
+active only inside `sharding_context(mesh, rules)` (the train step, evaluation, `flows.reverse`,
+`vlm.generate` are traced inside it); outside it they are no-ops (one device).
 The batch of a train step is split over `data` and `fsdp` (`BATCH_AXES`); parameters are split by the
 rules (FSDP over `fsdp`, Megatron-style over `tensor`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Sequence
@@ -28,18 +35,39 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over these mesh axes, in this order
 
-# The default table: FSDP shards the embedding dimension of every weight, tensor parallelism shards
-# the MLP hidden dimension, attention heads and the vocabulary. Activations: batch over data x fsdp.
+# The default table. Weights: FSDP shards the embedding dimension, tensor parallelism the MLP hidden
+# dimension, attention heads (fused qkv included), the vocabulary; stacked layers are not split.
+# Activations: batch over data x fsdp, heads / MLP / vocabulary over tensor, the embedding replicated.
+# Caches: batch over data x fsdp, KV heads over tensor.
 DEFAULT_LOGICAL_RULES = (
-    ("batch", BATCH_AXES),
-    ("length", None),
+    # weights
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("qkv", None),
+    ("qkv", "tensor"),
     ("vocab", "tensor"),
+    ("head_dim", None),
+    ("length", None),
+    ("layers", None),
+    ("latent", None),
+    ("classes", None),
+    ("context", None),
+    # activations
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # KV caches
+    ("cache_layers", None),
+    ("cache_batch", BATCH_AXES),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
+    ("cache_head_dim", None),
 )
 
 
@@ -146,7 +174,7 @@ def logical_rules(config: ml_collections.ConfigDict | None) -> tuple[tuple[str, 
   return tuple(rules)
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh, name: str) -> P:
+def _fit_spec(spec: P, shape: Sequence[int], mesh, name: str) -> P:
   """Drop mesh axes from dimensions they do not divide (tiny parameters stay replicated there)."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -161,10 +189,12 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh, name: str)
   return P(*out)
 
 
-def logical_to_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules) -> Any:
-  """NamedShardings for a (possibly `nn.Partitioned`-boxed) abstract tree, via the logical rules.
+def logical_to_specs(abstract_tree: Any, mesh, rules) -> Any:
+  """Mesh PartitionSpecs for a (possibly `nn.Partitioned`-boxed) abstract tree, via the logical rules.
 
-  Leaves without logical names are replicated. Returns a tree shaped like the unboxed tree.
+  mesh: a Mesh or an AbstractMesh (only its axis sizes are read). Leaves without logical names are
+  replicated; mesh axes that do not divide a dimension are dropped there. Returns a tree shaped like
+  the unboxed tree.
   """
   logical = nn.get_partition_spec(abstract_tree)
   unboxed = nn.unbox(abstract_tree)
@@ -172,10 +202,28 @@ def logical_to_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules) -> 
 
   def one(path, spec, leaf):
     spec = spec if isinstance(spec, P) else P()
-    return NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
+    return _fit_spec(spec, leaf.shape, mesh, jax.tree_util.keystr(path))
 
   return jax.tree_util.tree_map_with_path(one, mesh_specs, unboxed,
                                           is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def logical_to_shardings(abstract_tree: Any, mesh, rules) -> Any:
+  """`logical_to_specs` as NamedShardings on `mesh`."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      logical_to_specs(abstract_tree, mesh, rules),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def sharding_context(mesh: jax.sharding.Mesh | None, rules=DEFAULT_LOGICAL_RULES):
+  """Inside: `mesh` and the logical `rules` are active, so the activation and cache constraints of
+  every model shard by the same table as the train step. Trace (call) jitted samplers inside it.
+  A no-op without a mesh (one device)."""
+  stack = contextlib.ExitStack()
+  if mesh is not None:
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(tuple(rules)))
+  return stack
 
 
 def param_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh | None, rules) -> Any:

@@ -18,22 +18,22 @@ from configs import qwen2_5_vl_7b, qwen2_5_vl_tiny  # noqa: E402
 from starflow2_jax.convert import hf_qwen2_5_vl as conv  # noqa: E402
 from starflow2_jax.vlm import chat  # noqa: E402
 
-# Logical rules of the config on an (fsdp=2, tensor=4) mesh; one entry per parameter kind
-# (layers_<l> / blocks_<b> stand for every layer / block).
+# parallel.DEFAULT_LOGICAL_RULES on an (fsdp=2, tensor=4) mesh; one entry per parameter kind
+# (decoder layers are stacked on a replicated leading axis; blocks_<b> stands for every vision block).
 GOLDEN = {
     "embed_tokens/embedding": P("tensor", "fsdp"),
-    "layers/layers_0/norm1/scale": P("fsdp"),
-    "layers/layers_0/norm2/scale": P("fsdp"),
-    "layers/layers_0/attn/q/kernel": P("fsdp", "tensor"),
-    "layers/layers_0/attn/q/bias": P("tensor"),
-    "layers/layers_0/attn/k/kernel": P("fsdp", "tensor"),
-    "layers/layers_0/attn/k/bias": P("tensor"),
-    "layers/layers_0/attn/v/kernel": P("fsdp", "tensor"),
-    "layers/layers_0/attn/v/bias": P("tensor"),
-    "layers/layers_0/attn/out/kernel": P("tensor", "fsdp"),
-    "layers/layers_0/mlp/gate/kernel": P("fsdp", "tensor"),
-    "layers/layers_0/mlp/up/kernel": P("fsdp", "tensor"),
-    "layers/layers_0/mlp/down/kernel": P("tensor", "fsdp"),
+    "layers/stack/norm1/scale": P(None, "fsdp"),
+    "layers/stack/norm2/scale": P(None, "fsdp"),
+    "layers/stack/attn/q/kernel": P(None, "fsdp", "tensor"),
+    "layers/stack/attn/q/bias": P(None, "tensor"),
+    "layers/stack/attn/k/kernel": P(None, "fsdp", "tensor"),
+    "layers/stack/attn/k/bias": P(None, "tensor"),
+    "layers/stack/attn/v/kernel": P(None, "fsdp", "tensor"),
+    "layers/stack/attn/v/bias": P(None, "tensor"),
+    "layers/stack/attn/out/kernel": P(None, "tensor", "fsdp"),
+    "layers/stack/mlp/gate/kernel": P(None, "fsdp", "tensor"),
+    "layers/stack/mlp/up/kernel": P(None, "fsdp", "tensor"),
+    "layers/stack/mlp/down/kernel": P(None, "tensor", "fsdp"),
     "norm/scale": P("fsdp"),
     "lm_head/kernel": P("fsdp", "tensor"),
     "visual/patch_embed/kernel": P(None, "fsdp"),
@@ -83,15 +83,15 @@ def test_two_shards_onto_2x4_mesh(hf_dirs):
   reference, _ = conv.load_hf_qwen2_5_vl(str(hf_dirs / "single"))
   seen = set()
   for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    kind = re.sub(r"(layers|blocks)_\d+", r"\1_0", _path(keys))
+    kind = re.sub(r"blocks_\d+", "blocks_0", _path(keys))
     assert kind in GOLDEN, f"{kind} has no golden PartitionSpec"
     assert x.sharding.spec == GOLDEN[kind], (_path(keys), x.sharding.spec)
     seen.add(kind)
   assert seen == set(GOLDEN)
   for (keys, x), y in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(reference)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=_path(keys))
-  q = params["layers"]["layers_0"]["attn"]["q"]["kernel"]  # [64, 64] over (fsdp=2, tensor=4)
-  assert {s.data.shape for s in q.addressable_shards} == {(32, 16)}
+  q = params["layers"]["stack"]["attn"]["q"]["kernel"]  # [2, 64, 64] over (-, fsdp=2, tensor=4)
+  assert {s.data.shape for s in q.addressable_shards} == {(2, 32, 16)}
 
 
 def test_missing_shard(hf_dirs, tmp_path):
@@ -154,11 +154,10 @@ def test_dtype_requests(hf_dirs, tmp_path):
 
 
 def test_sharded_forward_matches_single_device(hf_dirs):
-  """The imported model runs sharded (FSDP + tensor parallel from the config's logical rules, with the
+  """The imported model runs sharded (FSDP + tensor parallel from the one rules table, with the
   activation constraints active) and gives the single-device logits."""
-  import flax.linen as nn
   import jax.numpy as jnp
-  from starflow2_jax.parallel import logical_rules
+  from starflow2_jax.parallel import sharding_context
   from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig
   mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -168,7 +167,7 @@ def test_sharded_forward_matches_single_device(hf_dirs):
   ids = jnp.asarray(np.random.default_rng(0).integers(3, 250, (2, 8)))
   pos = jnp.broadcast_to(jnp.arange(8)[None, :, None], (2, 8, 3))
   fwd = jax.jit(lambda p: model.apply({"params": p}, ids, positions=pos)["logits"])
-  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(config)):
+  with sharding_context(mesh):
     sharded = fwd(params)
   want = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
   assert sharded.sharding.is_equivalent_to(want, 3), sharded.sharding

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import pytest
 
+from starflow2_jax.errors import UserError
 from configs import qwen2_5_vl_3b, qwen2_5_vl_7b
 from starflow2_jax.convert.hf_qwen2_5_vl import check_same_model, config_from_hf
 from starflow2_jax.vlm.model import QwenConfig, abstract_params
@@ -41,7 +42,7 @@ def test_real_shapes_and_parameter_counts():
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   assert count({k: v for k, v in params.items() if k != "visual"}) == 7_615_616_512
   assert count(params["visual"]) == 676_550_144
-  assert params["layers"]["layers_0"]["attn"]["k"]["kernel"].shape == (3584, 512)
+  assert params["layers"]["stack"]["attn"]["k"]["kernel"].shape == (28, 3584, 512)  # stacked layers
   cfg3 = QwenConfig.from_config(qwen2_5_vl_3b.get_config().model)
   assert cfg3.tie_word_embeddings and cfg3.head_dim == 2 * sum(cfg3.mrope_section) == 128
 
@@ -52,3 +53,15 @@ def test_sliding_window_and_bad_sections_are_refused():
   with pytest.raises(ValueError,
                      match=r"mrope_section must sum to head_dim/2 = 64, found \[16, 24, 16\]"):
     config_from_hf(dict(HUB_7B, rope_scaling={"mrope_section": [16, 24, 16]}), "bfloat16")
+
+
+@pytest.mark.parametrize("section", ["model", "vision"])
+def test_unknown_model_fields_are_refused(section):
+  """A mistyped field is a UserError naming it and the known fields, never silently dropped."""
+  config = qwen2_5_vl_7b.get_config()
+  target = config.model if section == "model" else config.model.vision
+  target.num_layerz = 3
+  where = "config.model" if section == "model" else "config.model.vision"
+  with pytest.raises(UserError, match=rf"{where}: unknown field\(s\) \['num_layerz'\]; the known "
+                                      r"fields are \[.*'hidden_size'"):
+    QwenConfig.from_config(config.model)

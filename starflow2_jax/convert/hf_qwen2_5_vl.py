@@ -2,7 +2,9 @@
 
 Reads config.json and the (sharded) safetensors tensor by tensor: every parameter is built with
 `jax.make_array_from_callback` straight into its target sharding, each device reading only its slice of
-the memory-mapped file, so no host holds the whole model. Every key of the file is consumed or the
+the memory-mapped file, so no host holds the whole model. The decoder layers are written stacked
+(`layers/stack/...` [L, ...]): each stacked parameter reads its slice of every layer's tensor lazily.
+Every key of the file is consumed or the
 import fails; shapes are checked against the model config with messages naming key and shapes.
 
 Library: `load_hf_qwen2_5_vl(dir) -> (params, config)`, `convert(dir, out)`.
@@ -108,8 +110,13 @@ _VIS_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn/qkv": "attn.qkv", "attn/
 _LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 
 
-def hf_name(path: tuple[str, ...]) -> str:
-  """Our parameter path -> the Hugging Face tensor name it is read from."""
+def is_stacked(path: tuple[str, ...]) -> bool:
+  """Is this parameter one of the decoder layers stacked on a leading layer axis?"""
+  return path[:2] == ("layers", "stack")
+
+
+def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
+  """Our parameter path (and the layer, for a stacked one) -> the Hugging Face tensor name."""
   *mods, leaf = path
   suffix = _LEAF[leaf]
   if mods[0] == "embed_tokens":
@@ -118,8 +125,7 @@ def hf_name(path: tuple[str, ...]) -> str:
     return "model.norm.weight"
   if mods[0] == "lm_head":
     return "lm_head.weight"
-  if mods[0] == "layers":
-    layer = int(mods[1].split("_")[1])
+  if is_stacked(path):
     return f"model.layers.{layer}.{_LM_LAYER['/'.join(mods[2:])]}.{suffix}"
   if mods[0] == "visual":
     if mods[1] == "patch_embed":
@@ -144,11 +150,13 @@ def _as_ours(path: tuple[str, ...], t: np.ndarray) -> np.ndarray:
 
 def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
                        mesh: jax.sharding.Mesh | None = None,
-                       expected: ml_collections.ConfigDict | None = None):
+                       expected: ml_collections.ConfigDict | None = None,
+                       rules=parallel.DEFAULT_LOGICAL_RULES):
   """Hugging Face directory -> (params placed with their target sharding, experiment config).
 
   dtype: 'bfloat16' | 'float32' | None (the file's dtype). expected: an experiment config whose
   `model` fields must match the ones derived from config.json (e.g. configs/qwen2_5_vl_7b.py).
+  mesh, rules: where the parameters are placed (None = one device).
   """
   files = SafetensorsDir(checkpoint)
   file_keys = {normalise_key(k): k for k in files.keys()}
@@ -165,27 +173,38 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
     check_same_model(expected, config, checkpoint)
   cfg = QwenConfig.from_config(config.model)
   abstract = abstract_params(cfg)
-  shardings = parallel.param_shardings(abstract, mesh, parallel.logical_rules(config))
+  shardings = parallel.param_shardings(abstract, mesh, rules)
   if cfg.tie_word_embeddings and "lm_head.weight" in file_keys:
     raise ValueError(f"{checkpoint}: config.json says tie_word_embeddings=true, but the file holds "
                      "lm_head.weight (an untied head); fix the config or the file")
   used = set()
 
+  def view(names, name, shape):
+    """The lazy view of HF tensor `name` in our layout, checked against our `shape`."""
+    if name not in file_keys:
+      raise KeyError(f"{checkpoint}: tensor {name} (for {'/'.join(names)}, shape {shape}) is missing")
+    used.add(name)
+    v = _as_ours(names, files.get(file_keys[name]))
+    if tuple(v.shape) != tuple(shape):
+      raise ValueError(f"{checkpoint}: tensor {name}: expected shape {tuple(shape)} (as "
+                       f"{'/'.join(names)}), found {tuple(v.shape)} after conversion "
+                       f"(stored {files.shape(file_keys[name])})")
+    return v
+
   def load(path, leaf, sharding):
     names = tuple(k.key for k in path)
-    name = hf_name(names)
-    if name not in file_keys:
-      raise KeyError(f"{checkpoint}: tensor {name} (for {'/'.join(names)}, shape {leaf.shape}) "
-                     "is missing")
-    used.add(name)
-    view = _as_ours(names, files.get(file_keys[name]))
-    if tuple(view.shape) != tuple(leaf.shape):
-      raise ValueError(f"{checkpoint}: tensor {name}: expected shape {tuple(leaf.shape)} (as "
-                       f"{'/'.join(names)}), found {tuple(view.shape)} after conversion "
-                       f"(stored {files.shape(file_keys[name])})")
     target = DTYPES[dtype]
-    return jax.make_array_from_callback(
-        leaf.shape, sharding, lambda idx: np.asarray(view[idx]).astype(target))
+    if not is_stacked(names):
+      v = view(names, hf_name(names), leaf.shape)
+      return jax.make_array_from_callback(leaf.shape, sharding,
+                                          lambda idx: np.asarray(v[idx]).astype(target))
+    per_layer = [view(names, hf_name(names, l), leaf.shape[1:]) for l in range(leaf.shape[0])]
+
+    def read(idx):  # idx[0] selects layers, the rest slices each layer's tensor
+      return np.stack([np.asarray(per_layer[l][idx[1:]]).astype(target)
+                       for l in range(leaf.shape[0])[idx[0]]])
+
+    return jax.make_array_from_callback(leaf.shape, sharding, read)
 
   params = jax.tree_util.tree_map_with_path(load, nn.unbox(abstract), shardings)
   unused = sorted(set(file_keys) - used)
@@ -198,7 +217,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
 def check_same_model(expected: ml_collections.ConfigDict, found: ml_collections.ConfigDict,
                      checkpoint: str) -> None:
   """Raise naming every config.model field where the expected config and config.json disagree."""
-  skip = {"dtype", "param_dtype"}
+  skip = {"dtype", "param_dtype", "remat", "scan_layers"}  # how to run, not what the weights are
   exp, got = expected.model.to_dict(), found.model.to_dict()
   diffs = [f"  model.{k}: expected {exp[k]!r}, found {got.get(k)!r}"
            for k in sorted(exp) if k not in skip and _norm(exp[k]) != _norm(got.get(k))]

@@ -7,6 +7,8 @@ checked against the shapes. Every key is consumed: `attn_mask` buffers are check
 ones) and dropped; the `var` buffer must be all ones (nvp models), which makes the reverse pass's
 `sqrt(var)` scaling the identity.
 
+Each block's transformer layers are written stacked: `blocks_{j}/transformer/stack/...` [L, ...].
+
 Library: `params_from_state_dict(sd, image_size, patch_size) -> (variables, FlowConfig)`,
 `convert(checkpoint, out, ...)`. Command line:
   python -m launch.convert --from=tarflow_torch --checkpoint=afhq_model_8_768_8_8_0.07.pth \
@@ -119,18 +121,19 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], image_size: int = 256,
     if cfg.num_classes:
       blk["class_embed"] = sd[f"{b}.class_embed"].reshape(cfg.num_classes, cfg.width)
       used.add(f"{b}.class_embed")
-    trunk = {}
+    trunk = []
     for i in range(num_layers):
       a = f"{b}.attn_blocks.{i}"
-      trunk[f"layers_{i}"] = {
+      trunk.append({
           "norm1": _norm(sd, used, f"{a}.attention.norm"),
           "attn": {"qkv": _linear(sd, used, f"{a}.attention.qkv"),
                    "out": _linear(sd, used, f"{a}.attention.proj")},
           "norm2": _norm(sd, used, f"{a}.mlp.norm"),
           "mlp": {"fc1": _linear(sd, used, f"{a}.mlp.main.0"),
                   "fc2": _linear(sd, used, f"{a}.mlp.main.2")},
-      }
-    blk["transformer"] = trunk
+      })
+    # the trunk's layers are stored stacked on a leading layer axis (nn.Transformer's scan layout)
+    blk["transformer"] = {"stack": jax.tree.map(lambda *ls: np.stack(ls), *trunk)}
     params[f"blocks_{j}"] = blk
   if "var" in sd:
     used.add("var")

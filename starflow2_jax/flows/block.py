@@ -220,7 +220,8 @@ def transformer_config(cfg: FlowConfig, index: int) -> snn.TransformerConfig:
       width=cfg.width, num_layers=cfg.layers_per_block[index], num_heads=cfg.width // cfg.head_dim,
       head_dim=cfg.head_dim, mlp_hidden=cfg.mlp_ratio * cfg.width, norm_eps=cfg.norm_eps,
       rope_layout=None if cfg.positions == "learned" else "interleaved",
-      attention_impl=cfg.attention_impl, remat=cfg.remat, dtype=cfg.compute_dtype,
+      attention_impl=cfg.attention_impl, remat=cfg.remat, scan_layers=cfg.scan_layers,
+      dtype=cfg.compute_dtype,
       param_dtype=cfg.params_dtype)
 
 

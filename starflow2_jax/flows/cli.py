@@ -38,12 +38,13 @@ def abstract_variables(model: FlowModel):
 
 
 def load_flow(checkpoint: str, config: ml_collections.ConfigDict | None = None):
-  """-> (model, variables, config). `config` overrides the stored one; the parameter shapes must
-  match it (the error names every mismatching parameter)."""
+  """-> (model, params, config), params the plain parameter tree (apply with {"params": params}; the
+  convention of `vlm.chat.load_vlm` too). `config` overrides the stored one; the parameter shapes
+  must match it (the error names every mismatching parameter)."""
   config = config or ckpt.load_config(checkpoint)
   model = FlowModel(FlowConfig.from_config(config.model))
   variables = ckpt.load_params(checkpoint, abstract_variables(model))
-  return model, variables, config
+  return model, variables["params"], config
 
 
 def _labels(cfg: FlowConfig, labels: Sequence[int] | None, num: int):
@@ -67,7 +68,8 @@ def sample_to_dir(checkpoint: str, out: str, *, num: int | None = None,
   existing = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
   if existing:
     raise FileExistsError(f"{out} already holds {existing}; choose a new --out")
-  model, variables, config = load_flow(checkpoint, config)
+  model, params, config = load_flow(checkpoint, config)
+  variables = {"params": params}
   cfg = model.cfg
   if noise_path is not None:
     z = np.load(noise_path)

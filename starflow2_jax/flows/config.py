@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from starflow2_jax.flows.patchify import LAYOUTS
 from starflow2_jax.flows.permutations import RULES, block_permutations
+from starflow2_jax.nn.attention import REMAT_POLICIES
 
 PARAMETRISATIONS = ("tarflow", "starflow")
 CONDITIONING = ("all", "deep")
@@ -63,7 +64,8 @@ class FlowConfig:
   dtype: str = "float32"  # trunk compute dtype; flow maths stay float32
   param_dtype: str = "float32"
   attention_impl: str | None = None  # None | xla | cudnn
-  remat: bool = False
+  remat: str = "none"  # rematerialisation inside each trunk's layer scan: none | dots_saveable | full
+  scan_layers: bool = True  # False: the layer scans fully unrolled (same stacked parameters)
 
   def __post_init__(self):
     def check(field, value, allowed):
@@ -75,6 +77,7 @@ class FlowConfig:
     check("positions", self.positions, POSITIONS)
     check("permutation_rule", self.permutation_rule, RULES)
     check("dequant", self.dequant, DEQUANT)
+    check("remat", self.remat, REMAT_POLICIES)
     h, w = self.image_size
     if h % self.patch_size or w % self.patch_size:
       raise ValueError(f"model.image_size {h}x{w} is not divisible by model.patch_size "

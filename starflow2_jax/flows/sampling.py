@@ -9,6 +9,10 @@ With guidance the block runs on [cond; uncond] (2B rows); both halves are fed th
 Typical use (jit the whole thing):
   sampler = jax.jit(functools.partial(flows.reverse, model, guidance=Guidance(...), jacobi=None))
   x_tokens, info = sampler(variables, z, labels)
+
+Sharded sampling runs under the train step's rules: call (trace) the jitted sampler inside
+`parallel.sharding_context(mesh, rules)`; the activation constraints and the per-block KV caches
+(`nn.KVCache`, cache_* names) then follow the one table. Outside a context everything is one device.
 """
 from __future__ import annotations
 

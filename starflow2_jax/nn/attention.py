@@ -1,26 +1,42 @@
-"""Causal multi-head attention with a pure-function KV cache.
+"""Causal multi-head attention with a pure-function KV cache, and the scanned transformer stack.
 
+The stack stores its layers stacked ([L, ...] parameters under `stack/`, logical axis `layers`) and applies
+them with `nn.scan`; the rematerialisation policy (`TransformerConfig.remat`) is applied inside the scan.
 The cache is an explicit pytree (`KVCache`): stacked per-layer K/V buffers [L, B, S, Hkv, Dh], a per-slot
 validity mask [B, S] (left padding, masked keys) and a scalar write index. A call with T new tokens
 writes them at `index`, attends causally over slots [0, index + T) and returns the new cache, so prefill
 (T = prompt length) and decode (T = 1) are the same function. Writes are `dynamic_update_slice` on the
 stacked buffers, which XLA performs in place when the cache is donated. Rewinding (Jacobi decoding) is
 setting `index` back: slots past the index are masked by causality and overwritten by the next write.
+The K/V buffers are carried by the layer scan (each layer writes its own row), and carry the cache
+logical names `CACHE_KV` ([L, B, S, Hkv, Dh]) and `CACHE_VALID` ([B, S]).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
+from starflow2_jax import parallel
 from starflow2_jax.nn import layers
 from starflow2_jax.nn.rope import apply_rope
 
 Dtype = Any
+
+# Logical names of the cache buffers (parallel.DEFAULT_LOGICAL_RULES maps them to mesh axes).
+CACHE_KV = ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+CACHE_VALID = ("cache_batch", "cache_length")
+# The leading axis of stacked layer parameters.
+LAYERS_AXIS = "layers"
+# Rematerialisation policies of the layer scan: none (save everything), dots_saveable (recompute
+# everything but matmul outputs), full (save only the layer inputs).
+REMAT_POLICIES = ("none", "dots_saveable", "full")
 
 
 @flax.struct.dataclass
@@ -36,7 +52,25 @@ class KVCache:
            dtype: Dtype = jnp.float32) -> "KVCache":
     shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32)).constrain()
+
+  @classmethod
+  def logical_axes(cls) -> "KVCache":
+    """The logical PartitionSpec of every buffer (a KVCache of PartitionSpecs)."""
+    return cls(k=P(*CACHE_KV), v=P(*CACHE_KV), valid=P(*CACHE_VALID), index=P())
+
+  def shardings(self, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules) -> "KVCache":
+    """NamedShardings of this cache's buffers on `mesh` under `rules` (a KVCache of shardings; works
+    on an abstract cache from `jax.eval_shape`). Dimensions a mesh axis does not divide replicate."""
+    axes = self.logical_axes()
+    boxed = jax.tree.map(lambda x, spec: nn.Partitioned(x, names=tuple(spec)), self, axes)
+    return parallel.logical_to_shardings(boxed, mesh, rules)
+
+  def constrain(self) -> "KVCache":
+    """Sharding constraints on the buffers (active under `parallel.sharding_context`)."""
+    return self.replace(k=nn.with_logical_constraint(self.k, CACHE_KV),
+                        v=nn.with_logical_constraint(self.v, CACHE_KV),
+                        valid=nn.with_logical_constraint(self.valid, CACHE_VALID))
 
   @property
   def max_len(self) -> int:
@@ -65,9 +99,14 @@ class TransformerConfig:
   mlp_bias: bool = True
   rope_layout: str | None = None  # None (no RoPE) | half | interleaved
   attention_impl: str | None = None  # None (XLA picks) | xla | cudnn
-  remat: bool = False  # rematerialise each layer in the backward pass
+  remat: str = "none"  # rematerialisation inside the layer scan: one of REMAT_POLICIES
+  scan_layers: bool = True  # False: the same stacked parameters, the scan fully unrolled
   dtype: Dtype = jnp.float32  # compute dtype of the trunk
   param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
   @property
   def kv_heads(self) -> int:
@@ -110,13 +149,17 @@ class Attention(nn.Module):
       k = apply_rope(k, angles, cfg.rope_layout)
     if q_scale is not None:  # per-row attention temperature: logits * q_scale[b]
       q = q * q_scale.astype(q.dtype)[:, None, None, None]
-    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    q = nn.with_logical_constraint(q, layers.ACT_HEADS)
+    k = nn.with_logical_constraint(k, layers.ACT_KV_HEADS)
+    v = nn.with_logical_constraint(v, layers.ACT_KV_HEADS)
     new_kv = None
     if cache_kv is not None:
       k_all, v_all, layer, index = cache_kv
       start = _slot_index(layer, 0, index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+      k_all = nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start), CACHE_KV)
+      v_all = nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start), CACHE_KV)
       k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
       new_kv = (k_all, v_all)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5,
@@ -144,8 +187,33 @@ class TransformerLayer(nn.Module):
     h = h + a
     m = layers.Mlp(cfg.hidden, cfg.mlp, cfg.mlp_bias, cfg.dtype, cfg.param_dtype, name="mlp")(
         layers.make_norm(cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="norm2")(h))
-    h = nn.with_logical_constraint(h + m, ("batch", "length", "embed"))
+    h = nn.with_logical_constraint(h + m, layers.ACT_EMBED)
     return h, new_kv
+
+
+class _ScanStep(TransformerLayer):
+  """Layer `i` of the stack as a scan step over carry (h [B, T, d], (k_all, v_all) or None, taps).
+
+  adds: {0-based layer j: [B, T, d]} added before layer j; tap_layers: 1-based layers whose output
+  the carry keeps (taps[j] [B, T, d]). Returns the carry and, when `collect`, h as the scan output.
+  """
+  collect: bool = False
+
+  def __call__(self, carry, i, mask, angles, index, q_scale, adds):
+    h, kv, taps = carry
+    for j, add in adds.items():  # one select per add and layer, never L copies of an add
+      h = h + jnp.where(i == j, add.astype(h.dtype), jnp.zeros((), h.dtype))
+    cache_kv = None if kv is None else (*kv, i, index)
+    h, kv = super().__call__(h, mask=mask, angles=angles, cache_kv=cache_kv, q_scale=q_scale)
+    taps = {j: jnp.where(i == j - 1, h, t) for j, t in taps.items()}
+    return (h, kv, taps), (h if self.collect else None)
+
+
+def _remat(step_cls, policy: str):
+  if policy == "none":
+    return step_cls
+  saveable = jax.checkpoint_policies.dots_saveable if policy == "dots_saveable" else None
+  return nn.remat(step_cls, policy=saveable, prevent_cse=False)  # no CSE barrier needed inside scan
 
 
 def causal_mask(t: int, valid=None, cache: KVCache | None = None):
@@ -166,41 +234,45 @@ def causal_mask(t: int, valid=None, cache: KVCache | None = None):
 class Transformer(nn.Module):
   """Stack of `num_layers` pre-norm layers (no final norm; callers add the one they need).
 
+  Parameters: `stack/{norm1,attn,norm2,mlp}/...` with a leading layer axis [L, ...] (logical `layers`).
   x: [B, T, d]; angles: [B, T, head_dim/2] (RoPE only); valid: [B, T] bool, False for pad tokens
   (masked as keys); cache: KVCache or None; q_scale: [B] attention temperature factor or None;
-  residual_adds: optional {layer j: [B, T, d]} added to the residual stream before layer j.
-  Returns (h [B, T, d], new cache or None, hidden states) where hidden states are the residual stream
-  after each layer (a tuple of num_layers arrays) when `collect_hidden`, else ().
+  residual_adds: optional {0-based layer j: [B, T, d]} added to the residual stream before layer j;
+  taps: 1-based layers j whose raw output (the residual stream after layer j) is returned.
+  Returns (h [B, T, d], new cache or None, hidden) where hidden is {j: [B, T, d]} for every j in taps,
+  and for every layer 1..L when `collect_hidden`.
   """
   cfg: TransformerConfig
 
   @nn.compact
   def __call__(self, x, *, angles=None, valid=None, cache: KVCache | None = None, q_scale=None,
-               residual_adds=None, collect_hidden: bool = False):
+               residual_adds=None, collect_hidden: bool = False, taps: Sequence[int] = ()):
     cfg = self.cfg
     b, t, _ = x.shape
+    for j in list(taps) + [j + 1 for j in residual_adds or {}]:
+      if not 1 <= j <= cfg.num_layers:
+        raise ValueError(f"layer {j} (1-based) of a tap or residual add is out of range: expected "
+                         f"1..{cfg.num_layers}")
+    index = None
     if cache is not None:
       if valid is None:
         valid = jnp.ones((b, t), bool)
       cache = cache.replace(
           valid=jax.lax.dynamic_update_slice(cache.valid, valid, _slot_index(0, cache.index)))
+      index = cache.index
     mask = causal_mask(t, valid, cache)
-    layer_cls = nn.remat(TransformerLayer) if cfg.remat else TransformerLayer
-    h = x.astype(cfg.dtype)
-    k_all = v_all = None
+    h = nn.with_logical_constraint(x.astype(cfg.dtype), layers.ACT_EMBED)
+    kv = None if cache is None else (cache.k, cache.v)
+    tap_init = {j: jnp.zeros_like(h) for j in taps}
+    step = nn.scan(_remat(_ScanStep, cfg.remat), variable_axes={"params": 0},
+                   split_rngs={"params": True}, in_axes=(0,) + (nn.broadcast,) * 5,
+                   length=cfg.num_layers, unroll=1 if cfg.scan_layers else cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+    (h, kv, hidden), per_layer = step(cfg, collect_hidden, name="stack")(
+        (h, kv, tap_init), jnp.arange(cfg.num_layers, dtype=jnp.int32), mask, angles, index,
+        q_scale, dict(residual_adds or {}))
+    if collect_hidden:
+      hidden = {j + 1: per_layer[j] for j in range(cfg.num_layers)}
     if cache is not None:
-      k_all, v_all = cache.k, cache.v
-    hidden = []
-    for i in range(cfg.num_layers):
-      if residual_adds and i in residual_adds:
-        h = h + residual_adds[i].astype(h.dtype)
-      cache_kv = None if cache is None else (k_all, v_all, i, cache.index)
-      h, kv = layer_cls(cfg, name=f"layers_{i}")(h, mask=mask, angles=angles, cache_kv=cache_kv,
-                                                  q_scale=q_scale)
-      if kv is not None:
-        k_all, v_all = kv
-      if collect_hidden:
-        hidden.append(h)
-    if cache is not None:
-      cache = cache.replace(k=k_all, v=v_all, index=(cache.index + t).astype(jnp.int32))
-    return h, cache, tuple(hidden)
+      cache = cache.replace(k=kv[0], v=kv[1], index=(cache.index + t).astype(jnp.int32)).constrain()
+    return h, cache, hidden

@@ -1,7 +1,8 @@
 """Basic layers: PyTorch-compatible Dense, LayerNorm, RMSNorm, MLPs.
 
-Every weight carries logical axis names (see `starflow2_jax.parallel` for the table that maps them to
-mesh axes). Parameters are stored in `param_dtype` (float32 by default) and cast to `dtype` (the
+Every weight carries logical axis names, and constrained activations carry their own `activation_*`
+names (distinct from the weight names; `starflow2_jax.parallel.DEFAULT_LOGICAL_RULES` maps both to mesh
+axes). Parameters are stored in `param_dtype` (float32 by default) and cast to `dtype` (the
 compute dtype) at use.
 """
 from __future__ import annotations
@@ -17,6 +18,13 @@ Initializer = Callable[..., jax.Array]
 
 # PyTorch's default Linear init is kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)) for the weight,
 # and U(+-1/sqrt(fan_in)) for the bias.
+# Logical names of activations [B, T, ...] (never used for weights).
+ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
+ACT_MLP = ("activation_batch", "activation_length", "activation_mlp")
+ACT_VOCAB = ("activation_batch", "activation_length", "activation_vocab")
+ACT_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+ACT_KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -137,12 +145,12 @@ class Mlp(nn.Module):
     dense = lambda f, axes, name: Dense(f, axes, self.use_bias, self.dtype, self.param_dtype, name=name)
     if self.kind == "gelu":
       h = dense(self.hidden, ("embed", "mlp"), "fc1")(x)
-      h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+      h = nn.with_logical_constraint(h, ACT_MLP)
       return dense(d, ("mlp", "embed"), "fc2")(jax.nn.gelu(h, approximate=False))
     if self.kind == "swiglu":
       g = dense(self.hidden, ("embed", "mlp"), "gate")(x)
       u = dense(self.hidden, ("embed", "mlp"), "up")(x)
-      h = nn.with_logical_constraint(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
+      h = nn.with_logical_constraint(jax.nn.silu(g) * u, ACT_MLP)
       return dense(d, ("mlp", "embed"), "down")(h)
     raise ValueError(f"mlp kind must be 'gelu' or 'swiglu', got {self.kind!r}")
 

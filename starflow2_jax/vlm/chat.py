@@ -6,7 +6,6 @@ checkpoints whose config.model_kind is "qwen2_5_vl".
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Sequence
@@ -17,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from starflow2_jax import ckpt
-from starflow2_jax.parallel import inference_mesh, logical_rules, param_shardings
+from starflow2_jax.parallel import (DEFAULT_LOGICAL_RULES, inference_mesh, param_shardings,
+                                    sharding_context)
 from starflow2_jax.vlm import tokenizer as tok_lib
 from starflow2_jax.vlm.config import MODEL_KIND
 from starflow2_jax.vlm.generate import SamplingConfig, generate
@@ -28,10 +28,12 @@ from starflow2_jax.vlm.vision import preprocess_image
 GENERATION_FILE = "generation.json"
 
 
-def load_vlm(checkpoint: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None):
-  """A converted checkpoint -> (model, params, config). dtype: the parameter dtype the caller expects
-  (None = whatever is stored); a different stored dtype is an error, not a silent cast. mesh: restore
-  the parameters sharded by the config's logical rules (None = one device)."""
+def load_vlm(checkpoint: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+             rules=DEFAULT_LOGICAL_RULES):
+  """A converted checkpoint -> (model, params, config), params the plain tree (the convention of
+  `flows.cli.load_flow` too). dtype: the parameter dtype the caller expects (None = whatever is stored);
+  a different stored dtype is an error, not a silent cast. mesh: restore the parameters sharded by
+  `rules` (None = one device); a `sharding` section of an older checkpoint's config is ignored."""
   config = ckpt.load_config(checkpoint)
   kind = config.get("model_kind")
   if kind != MODEL_KIND:
@@ -41,7 +43,7 @@ def load_vlm(checkpoint: str, dtype: str | None = None, mesh: jax.sharding.Mesh 
     raise ValueError(f"{checkpoint} stores {cfg.param_dtype} parameters, but {dtype} was requested: "
                      f"re-import with `launch.convert --dtype={dtype}`")
   abstract = abstract_params(cfg)
-  shardings = param_shardings(abstract, mesh, logical_rules(config))
+  shardings = param_shardings(abstract, mesh, rules)
   params = ckpt.load_params(checkpoint, nn.unbox(abstract), shardings)
   return Qwen2_5_VL(cfg), params, config
 
@@ -85,7 +87,7 @@ def chat(checkpoint: str, tokenizer: str, prompt: str, images: Sequence[str] = (
   from PIL import Image
   mesh = None if mesh_shape is None else inference_mesh(*mesh_shape)
   model, params, config = load_vlm(checkpoint, mesh=mesh)
-  with sharding_context(mesh, config):
+  with sharding_context(mesh):
     record = _answer(model, params, config, tok_lib.load_tokenizer(tokenizer), prompt,
                      [Image.open(p) for p in images], max_new_tokens, max_len, system,
                      temperature, top_k, top_p, seed)
@@ -95,15 +97,6 @@ def chat(checkpoint: str, tokenizer: str, prompt: str, images: Sequence[str] = (
     with open(os.path.join(out, GENERATION_FILE), "w") as f:
       json.dump(record, f, indent=2)
   return record
-
-
-def sharding_context(mesh, config):
-  """Inside: the mesh and the config's logical rules are active (no-op without a mesh)."""
-  stack = contextlib.ExitStack()
-  if mesh is not None:
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(logical_rules(config)))
-  return stack
 
 
 def _answer(model, params, config, tk, prompt, images, max_new_tokens, max_len, system, temperature,

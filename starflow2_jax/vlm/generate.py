@@ -6,6 +6,10 @@ own next M-RoPE position (`next_position` from `positions.mrope_positions`). The
 (L + max_new_tokens slots) is allocated inside the jit and carried by the loop, which XLA updates in
 place. Sampling: greedy (temperature 0), temperature, top-k, top-p; ids >= `vocab_limit` (embedding
 padding rows) are never sampled. Rows stop at any id in `eos_ids`; finished rows emit `pad_id`.
+
+Sharded generation runs under the train step's rules: call `generate` / `jitted_step` inside
+`parallel.sharding_context(mesh, rules)` (as `vlm.chat` does); the activation constraints and the cache
+buffers (cache_* logical names) then follow the one table. Outside a context: one device.
 """
 from __future__ import annotations
 

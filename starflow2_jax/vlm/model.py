@@ -1,11 +1,12 @@
 """The Qwen2.5-VL language model (and its optional vision tower) in functional Linen.
 
-Parameters (names as stored in converted checkpoints):
+Parameters (names as stored in converted checkpoints; the L decoder layers are stacked on a leading
+layer axis, logical name "layers", and applied with a scan):
   embed_tokens/embedding [V, d]                       ("vocab", "embed")
-  layers/layers_{l}/{norm1,norm2}/scale [d]
-  layers/layers_{l}/attn/{q,k,v}/{kernel,bias}        q: [d, H*Dh], k/v: [d, Hkv*Dh]
-  layers/layers_{l}/attn/out/kernel [H*Dh, d]         no bias
-  layers/layers_{l}/mlp/{gate,up,down}/kernel         SwiGLU, no biases
+  layers/stack/{norm1,norm2}/scale [L, d]
+  layers/stack/attn/{q,k,v}/{kernel,bias}             q: [L, d, H*Dh], k/v: [L, d, Hkv*Dh]
+  layers/stack/attn/out/kernel [L, H*Dh, d]           no bias
+  layers/stack/mlp/{gate,up,down}/kernel              SwiGLU, no biases: [L, d, F], [L, F, d]
   norm/scale [d]                                      final RMSNorm
   lm_head/kernel [d, V]                               absent when the embeddings are tied
   visual/...                                          see vision.py (when the config has a vision tower)
@@ -24,10 +25,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from starflow2_jax.errors import UserError
 from starflow2_jax.nn import layers
 from starflow2_jax.nn.attention import KVCache, Transformer, TransformerConfig
 from starflow2_jax.nn.rope import mrope
 from starflow2_jax.vlm.vision import VisionConfig, VisionTower
+
+# config.model fields that describe the tokenizer and prompt layout, not the network (read by chat).
+TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                "bos_token_id", "eos_token_id", "pad_token_id", "image_positions")
+
+
+def _known_fields(cls, section: str, fields: dict, extra=()) -> None:
+  """Raise a UserError naming every field of `fields` that `cls` (or `extra`) does not know."""
+  known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise UserError(f"{section}: unknown field(s) {unknown}; the known fields are {sorted(known)}; "
+                    "fix the spelling or drop them")
+
 
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
@@ -45,6 +61,8 @@ class QwenConfig:
   max_position_embeddings: int = 128000
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
+  remat: str = "none"  # rematerialisation inside the layer scan: none | dots_saveable | full
+  scan_layers: bool = True  # False: the layer scan fully unrolled (same parameters)
   vision: VisionConfig | None = None
 
   @property
@@ -56,25 +74,28 @@ class QwenConfig:
         width=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
         head_dim=self.head_dim, num_kv_heads=self.num_kv_heads, mlp_hidden=self.intermediate_size,
         mlp="swiglu", norm="rmsnorm", norm_eps=self.rms_norm_eps, fused_qkv=False, qkv_bias=True,
-        out_bias=False, mlp_bias=False, rope_layout="half", dtype=jnp.dtype(self.dtype),
-        param_dtype=jnp.dtype(self.param_dtype))
+        out_bias=False, mlp_bias=False, rope_layout="half", remat=self.remat,
+        scan_layers=self.scan_layers, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
     return self.trunk().init_cache(batch, max_len)
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "QwenConfig":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vision"}
-    kw = {k: model[k] for k in fields if k in model}
+    """From `config.model`; a field neither this class, VisionConfig nor TOKEN_FIELDS knows is a
+    UserError naming it."""
+    model = dict(model)
+    _known_fields(cls, "config.model", model, TOKEN_FIELDS)
+    kw = {k: v for k, v in model.items() if k not in TOKEN_FIELDS and k != "vision"}
     kw["mrope_section"] = tuple(kw.get("mrope_section", cls.mrope_section))
     vision = None
     if model.get("vision") is not None:
-      vkw = dict(model.vision)
+      vkw = dict(model["vision"])
+      _known_fields(VisionConfig, "config.model.vision", vkw)
       vkw["fullatt_block_indexes"] = tuple(vkw.get("fullatt_block_indexes", ()))
       vkw.setdefault("dtype", kw.get("dtype", "float32"))
       vkw.setdefault("param_dtype", kw.get("param_dtype", "float32"))
-      vision = VisionConfig(**{k: v for k, v in vkw.items()
-                               if k in {f.name for f in dataclasses.fields(VisionConfig)}})
+      vision = VisionConfig(**vkw)
     return cls(vision=vision, **kw)
 
 
@@ -120,7 +141,7 @@ class Qwen2_5_VL(nn.Module):
     if image_embeds is not None:
       picked = jnp.take(image_embeds, jnp.maximum(image_index, 0), axis=0).astype(x.dtype)
       x = jnp.where((image_index >= 0)[..., None], picked, x)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(x, layers.ACT_EMBED)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final-normed hidden states [B, T, d] -> float32 logits [B, T, V]."""
@@ -128,7 +149,7 @@ class Qwen2_5_VL(nn.Module):
       out = self.embed_tokens.attend(h)
     else:
       out = self.lm_head(h)
-    return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
+    return nn.with_logical_constraint(out.astype(jnp.float32), layers.ACT_VOCAB)
 
   def __call__(self, tokens: jax.Array | None = None, *, positions: jax.Array,
                embeds: jax.Array | None = None, valid: jax.Array | None = None,
@@ -144,22 +165,23 @@ class Qwen2_5_VL(nn.Module):
       cache                the updated cache (None without a cache)
       hidden_states        tuple of L+1 arrays in HF convention: embeddings, outputs of layers
                            1..L-1, final-normed output (only when collect_hidden)
-      taps                 {j: residual stream after layer j (1-based, raw)} for j in taps
+      taps                 {j: residual stream after layer j (1-based, raw)} for j in taps (kept by
+                           the layer scan's carry: no per-layer copies unless collect_hidden)
     """
     if (tokens is None) == (embeds is None):
       raise ValueError("pass exactly one of tokens [B, T] and embeds [B, T, d]")
     x = self.embed(tokens, image_embeds, image_index) if embeds is None else embeds
     angles = self.rope.angles(positions)
-    want = collect_hidden or bool(taps)
     for j in taps:
       if not 1 <= j <= self.cfg.num_layers:
         raise ValueError(f"tap layer {j} out of range: expected 1..{self.cfg.num_layers}")
     h, cache, per_layer = self.layers(x, angles=angles, valid=valid, cache=cache,
-                                      collect_hidden=want)
+                                      collect_hidden=collect_hidden, taps=() if collect_hidden else taps)
     hidden = self.norm(h)
-    out = {"hidden": hidden, "cache": cache, "taps": {j: per_layer[j - 1] for j in taps}}
+    out = {"hidden": hidden, "cache": cache, "taps": {j: per_layer[j] for j in taps}}
     if collect_hidden:
-      out["hidden_states"] = (x.astype(h.dtype),) + tuple(per_layer[:-1]) + (hidden,)
+      inner = tuple(per_layer[j] for j in range(1, self.cfg.num_layers))
+      out["hidden_states"] = (x.astype(h.dtype),) + inner + (hidden,)
     if return_logits:
       out["logits"] = self.logits(hidden)
     return out

@@ -44,6 +44,7 @@ class VisionConfig:
   window_size: int = 112
   fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
   in_channels: int = 3
+  tokens_per_second: int = 2  # temporal M-RoPE rate of video frames (Hugging Face vision_config)
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   dtype: str = "float32"
@@ -112,7 +113,7 @@ class VisionTower(nn.Module):
     dense = lambda f, axes, bias, name: layers.Dense(f, axes, bias, tcfg.dtype, tcfg.param_dtype,
                                                      name=name)
     x = dense(cfg.hidden_size, (None, "embed"), False, "patch_embed")(patches)[None]  # [1, N, d]
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, layers.ACT_EMBED)
     angles = starflow_2d(cfg.head_dim, cfg.rope_theta, layout="half").angles(jnp.asarray(pos)[None])
     full_mask = jnp.asarray(frame[:, None] == frame[None, :])[None, None]
     window_mask = jnp.asarray(window[:, None] == window[None, :])[None, None]
