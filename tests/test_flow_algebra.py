@@ -284,8 +284,9 @@ def test_density_is_normalised(par, x64):
                          layers_per_block=(1, 1), dtype="float64", param_dtype="float64",
                          parametrisation=par, positions="rope2d" if star else "learned", layout=par,
                          permutation_rule="starflow2" if star else "tarflow")
-  # head scale 0.05 keeps (almost) all of the mass inside the integration box
-  m, v, _, _, _ = build(cfg, head_scale=0.05)
+  # head scale 0.05 keeps (almost) all of the mass inside the integration box; seed 1 draws a map
+  # whose log-det varies strongly (the next assertion), seed 0 of the scanned init nearly does not
+  m, v, _, _, _ = build(cfg, head_scale=0.05, seed=1)
   g = np.linspace(-8, 8, 401)
   xx = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2, 1)
   out = jax.jit(lambda x: m.apply(v, x))(jnp.asarray(xx))

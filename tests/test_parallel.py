@@ -35,7 +35,8 @@ def test_logical_rules_from_config_and_errors():
   import ml_collections
   cfg = ml_collections.ConfigDict({"sharding": parallel.default_sharding_config()})
   rules = dict(parallel.logical_rules(cfg))
-  assert rules["batch"] == ("data", "fsdp") and rules["mlp"] == "tensor" and rules["length"] is None
+  assert rules["activation_batch"] == ("data", "fsdp") and rules["mlp"] == "tensor"
+  assert rules["cache_kv_heads"] == "tensor" and rules["length"] is None and rules["layers"] is None
   cfg.sharding.logical_rules = [["embed", "model"]]
   with pytest.raises(ValueError, match=r"logical_rules\['embed'\] names mesh axes \['model'\]"):
     parallel.logical_rules(cfg)
