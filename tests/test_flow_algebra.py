@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flow_utils import build, forward_fn, np64, reverse_fn, tiny_config
+from flow_utils import assert_close_to_scale, build, forward_fn, np64, reverse_fn, tiny_config
 
 from starflow2_jax import flows
 from starflow2_jax.flows.config import SOFTPLUS_SHIFT
@@ -378,3 +378,35 @@ def test_float32_islands_with_bfloat16_trunk():
   l32 = float(flows.loss(m32.apply(v, x, labels)))
   l16 = float(flows.loss(jax.jit(m16.apply)(v, x, labels)))
   assert abs(l16 - l32) <= 2e-2 * max(1.0, abs(l32)), (l16, l32)
+
+
+# ----------------------------------------------------------------------- sampling under the rules
+
+
+@pytest.mark.parametrize("jacobi", [None, flows.Jacobi(block_size=4, threshold=1e-3, max_iter=8)])
+def test_sharded_sampling_under_the_rules_equals_one_device(jacobi):
+  """flows.reverse traced inside parallel.sharding_context on a (data=2, tensor=4) mesh: parameters
+  placed by the one rules table, activation and cache constraints active (they appear in the lowered
+  program), the same samples and Jacobi counts as the one-device run."""
+  from starflow2_jax import parallel
+  cfg = tiny_config("starflow", layers=(1, 2), num_classes=3, image=(4, 8), width=64)
+  m, v, _, _, _ = build(cfg, batch=8)
+  z = jax.random.normal(jax.random.key(4), (8, cfg.num_tokens, cfg.token_dim))
+  labels = jnp.arange(8) % 3
+  sampler = reverse_fn(m, guidance=1.0, jacobi=jacobi)
+  x1, info1 = sampler(v, z, labels)
+  mesh = parallel.make_mesh({"shape": {"data": 2, "fsdp": 1, "tensor": 4}})
+  boxed = jax.eval_shape(m.init, jax.random.key(0), z[:1], labels[:1])
+  v8 = jax.device_put(v, parallel.logical_to_shardings(boxed, mesh, parallel.DEFAULT_LOGICAL_RULES))
+  rows = parallel.batch_sharding(mesh)
+  with parallel.sharding_context(mesh):
+    text = sampler.lower(v8, jax.device_put(z, parallel.batch_sharding(mesh, 3)),
+                         jax.device_put(labels, rows)).as_text()
+    x8, info8 = sampler(v8, jax.device_put(z, parallel.batch_sharding(mesh, 3)),
+                        jax.device_put(labels, rows))
+  assert "sharding_constraint" in text
+  assert "sharding_constraint" not in sampler.lower(v, z, labels).as_text()  # no context: one device
+  assert len(x8.sharding.device_set) == 8
+  if jacobi is not None:
+    np.testing.assert_array_equal(info8["jacobi_iters"], info1["jacobi_iters"])
+  assert_close_to_scale(x8, x1)  # tensor-parallel sums round differently in float32

@@ -132,3 +132,28 @@ def test_taps_and_hidden_state_convention(model_params):
   assert not np.allclose(out["taps"][2], out["hidden"])  # the last tap is before the final norm
   with pytest.raises(ValueError, match="tap layer 3 out of range"):
     model.apply({"params": params}, ids, positions=pos, taps=(3,))
+
+
+def test_sharded_generation_under_the_rules_equals_one_device(model_params):
+  """vlm.generate inside parallel.sharding_context on a (data=2, fsdp=2, tensor=2) mesh, parameters
+  placed by the one rules table: the same greedy tokens and logits as one device; the cache buffers
+  carry their cache_* layout."""
+  from starflow2_jax import parallel
+  from starflow2_jax.vlm.model import abstract_params
+  model, params = model_params
+  ids, valid = _left_padded(np.random.default_rng(1), [5, 9, 2, 7])
+  pos, nxt = mrope_positions(ids, valid, [], IMAGE)
+  s = gen.SamplingConfig(max_new_tokens=6, eos_ids=(), pad_id=0)
+  args = (jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(pos), jnp.asarray(nxt), jax.random.key(0))
+  one = gen.generate(model, params, *args, s, return_logits=True)
+  mesh = parallel.make_mesh({"shape": {"data": 2, "fsdp": 2, "tensor": 2}})
+  placed = jax.device_put(params, parallel.logical_to_shardings(abstract_params(CFG), mesh,
+                                                                parallel.DEFAULT_LOGICAL_RULES))
+  with parallel.sharding_context(mesh):
+    sharded = gen.generate(model, placed, *args, s, return_logits=True)
+    cache = jax.jit(lambda: CFG.init_cache(4, 16))()
+  np.testing.assert_array_equal(np.asarray(sharded["tokens"]), np.asarray(one["tokens"]))
+  np.testing.assert_allclose(np.asarray(sharded["logits"]), np.asarray(one["logits"]), rtol=0, atol=1e-5)
+  want = cache.shardings(mesh, parallel.DEFAULT_LOGICAL_RULES)
+  assert cache.k.sharding.is_equivalent_to(want.k, 5), cache.k.sharding
+  assert want.k.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
