@@ -19,11 +19,14 @@ from starflow2_jax.flows import cli as flow_cli
 
 S, P, C, NCLS, D_MODEL, BLOCKS, LAYERS = 16, 4, 3, 3, 64, 2, 2
 T, D = (S // P) ** 2, C * P * P
+HEAD_DIM = 64  # TarFlow's fixed head width: num_heads = width / 64
+WIDTHS = (D_MODEL, 2 * D_MODEL)  # one head, and two heads (head order and the 1/sqrt(64) scale)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_state_dict(seed=0):
+def make_state_dict(seed=0, width=D_MODEL):
   """The exact key set and shapes of CHECKPOINT-LAYOUTS a.2 (random values, proj_out included)."""
+  D_MODEL = width  # noqa: N806 (the reference's name for the width)
   rng = np.random.default_rng(seed)
   n = lambda *shape, s=0.1: rng.normal(0, s, shape).astype(np.float32)
   sd = {"var": np.ones((T, D), np.float32)}
@@ -41,7 +44,9 @@ def make_state_dict(seed=0):
       sd[f"{a}.attention.proj.weight"], sd[f"{a}.attention.proj.bias"] = n(D_MODEL, D_MODEL), n(D_MODEL)
       sd[f"{a}.mlp.main.0.weight"], sd[f"{a}.mlp.main.0.bias"] = n(4 * D_MODEL, D_MODEL), n(4 * D_MODEL)
       sd[f"{a}.mlp.main.2.weight"], sd[f"{a}.mlp.main.2.bias"] = n(D_MODEL, 4 * D_MODEL), n(D_MODEL)
-    sd[f"{b}.proj_out.weight"], sd[f"{b}.proj_out.bias"] = n(2 * D, D_MODEL, s=0.02), n(2 * D, s=0.05)
+    # head std 0.02 at width 64, shrunk as 1/sqrt(width) so wider maps stay as well conditioned
+    head_std = 0.02 * np.sqrt(64 / D_MODEL)
+    sd[f"{b}.proj_out.weight"], sd[f"{b}.proj_out.bias"] = n(2 * D, D_MODEL, s=head_std), n(2 * D, s=0.05)
   return sd
 
 
@@ -57,6 +62,7 @@ def _ln(x, w, b):
 def _trunk(sd, j, xp, labels, attn_temp=1.0):
   """Raw proj_out output [B, T, 2D] of block j on permuted tokens xp (before the one-token shift)."""
   g = lambda k: sd[f"blocks.{j}.{k}"].astype(np.float64)
+  width = g("proj_in.weight").shape[0]
   perm = np.arange(T) if j % 2 == 0 else np.arange(T)[::-1]
   table = g("class_embed")[:, 0]
   cls = np.stack([table.mean(0) if l < 0 else table[l] for l in labels])
@@ -65,14 +71,15 @@ def _trunk(sd, j, xp, labels, attn_temp=1.0):
   for i in range(LAYERS):
     a = f"attn_blocks.{i}"
     y = _ln(h, g(f"{a}.attention.norm.weight"), g(f"{a}.attention.norm.bias"))
+    # the reference's qkv rows are [3, heads, head_dim]: q of every head, then k, then v
     qkv = (y @ g(f"{a}.attention.qkv.weight").T + g(f"{a}.attention.qkv.bias")).reshape(
-        bsz, T, 3 * D_MODEL // 64, 64)
+        bsz, T, 3 * width // HEAD_DIM, HEAD_DIM)
     q, k, v = np.split(qkv, 3, axis=2)
-    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / 8.0 / attn_temp
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(HEAD_DIM) / attn_temp
     logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    o = np.einsum("bhqk,bkhd->bqhd", p, v).reshape(bsz, T, D_MODEL)
+    o = np.einsum("bhqk,bkhd->bqhd", p, v).reshape(bsz, T, width)
     h = h + o @ g(f"{a}.attention.proj.weight").T + g(f"{a}.attention.proj.bias")
     y = _ln(h, g(f"{a}.mlp.norm.weight"), g(f"{a}.mlp.norm.bias"))
     y = y @ g(f"{a}.mlp.main.0.weight").T + g(f"{a}.mlp.main.0.bias")
@@ -118,16 +125,20 @@ def ref_reverse(sd, z, labels, w=0.0, anneal=False, attn_temp=1.0):
 # ---- tests ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def converted():
-  sd = make_state_dict()
+@pytest.fixture(scope="module", params=WIDTHS, ids=[f"width{w}" for w in WIDTHS])
+def converted(request):
+  sd = make_state_dict(width=request.param)
   variables, cfg = tarflow_torch.params_from_state_dict(sd, image_size=S, patch_size=P)
   return sd, variables, cfg
 
 
 def test_infers_config_and_matches_numpy_forward(converted):
   sd, variables, cfg = converted
-  assert (cfg.width, cfg.layers_per_block, cfg.num_classes) == (D_MODEL, (LAYERS,) * BLOCKS, NCLS)
+  width = sd["blocks.0.proj_in.weight"].shape[0]
+  assert (cfg.width, cfg.layers_per_block, cfg.num_classes) == (width, (LAYERS,) * BLOCKS, NCLS)
+  assert width // cfg.head_dim == width // HEAD_DIM  # the number of heads
+  stack = variables["params"]["blocks_0"]["transformer"]["stack"]  # layers stored stacked
+  assert stack["attn"]["qkv"]["kernel"].shape == (LAYERS, width, 3 * width)
   assert (cfg.num_tokens, cfg.token_dim, cfg.permutations) == (T, D, ("identity", "flip"))
   model = flows.FlowModel(cfg)
   rng = np.random.default_rng(1)
@@ -173,9 +184,10 @@ def test_checkpoint_shape_mismatch_names_parameters(converted, tmp_path):
   path = str(tmp_path / "ckpt")
   from starflow2_jax import ckpt
   ckpt.save_params(path, variables, tarflow_torch.experiment_config(cfg))
-  wrong = ml_collections.ConfigDict({"model_kind": "flow", "model": dict(cfg.to_dict(), width=128)})
-  with pytest.raises(ValueError, match=r"blocks_0'\]\['proj_in'\]\['kernel'\]: expected \(48, 128\), "
-                                       r"found \(48, 64\)"):
+  wrong = ml_collections.ConfigDict({"model_kind": "flow",
+                                     "model": dict(cfg.to_dict(), width=2 * cfg.width)})
+  with pytest.raises(ValueError, match=rf"blocks_0'\]\['proj_in'\]\['kernel'\]: expected \(48, "
+                                       rf"{2 * cfg.width}\), found \(48, {cfg.width}\)"):
     flow_cli.load_flow(path, wrong)
   with pytest.raises(FileExistsError):
     ckpt.save_params(path, variables, tarflow_torch.experiment_config(cfg))
