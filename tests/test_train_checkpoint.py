@@ -19,7 +19,7 @@ import pytest
 
 from starflow2_jax import ckpt, parallel
 from starflow2_jax.data import pipeline
-from starflow2_jax.train import checkpointing, state as state_lib
+from starflow2_jax.train import checkpointing, flow_task, state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "tests", "train_runner.py")
@@ -144,7 +144,7 @@ def _abstract(sh, state):
 def _data_iter():
   cfg = pipeline.default_data_config()
   cfg.image_size = 8
-  return pipeline.train_iterator(cfg, pipeline.build_source(cfg, "train"), 8, 0)
+  return pipeline.train_iterator(cfg, pipeline.build_source(cfg, "train"), 8, 0, flow_task.ImageLabel())
 
 
 def _save_steps(directory, mesh, steps, process_count=1):
