@@ -32,7 +32,7 @@ def train_defaults() -> ml_collections.ConfigDict:
       # per-device peak FLOP/s for MFU; 0: the chip's bf16 peak from train.mfu's table, or (an unknown
       # chip, e.g. a CPU) a matmul peak measured at start-up (logged as mfu_vs_matmul)
       "peak_flops": 0.0,
-      "trainable": [],  # parameter groups that train (Task.param_labels); empty: every group
+      "trainable": (),  # parameter groups that train (Task.param_labels); empty: every group
       "group_lr": {},  # {group: multiplier of the learning-rate schedule}; unlisted groups: 1
   })
 
