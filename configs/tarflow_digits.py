@@ -48,5 +48,5 @@ def get_config(arg=None):
   config.log.every = 100
   config.log.sample_every = 1000
   config.log.num_samples = 40
-  config.log.guidance = 1.0
+  config.sample.guidance = 1.0
   return config

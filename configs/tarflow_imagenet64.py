@@ -19,7 +19,6 @@ CHANNELS = 3
 IMAGENET_TRAIN_IMAGES = 1_281_167
 BATCH = 256
 EPOCHS = 200
-TPU_V5E_PEAK_BF16 = 197e12  # FLOP/s per chip, for MFU; set --config.train.peak_flops for other chips
 
 
 def get_config(arg=None):
@@ -60,13 +59,12 @@ def get_config(arg=None):
   config.train.warmup = steps_per_epoch
   config.train.lr = 1e-4
   config.train.clip_norm = 0.0
-  config.train.peak_flops = TPU_V5E_PEAK_BF16
   config.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
   config.checkpoint.every = 2000
   config.checkpoint.keep = 3
   config.log.every = 100
   config.log.sample_every = 10_000
   config.log.num_samples = 64
-  config.log.guidance = 2.3
+  config.sample.guidance = 2.3
   config.log.eval_examples = 10_000
   return config

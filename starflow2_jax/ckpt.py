@@ -5,7 +5,9 @@ Layout of a parameter checkpoint directory DIR:
   DIR/meta.json     {"format": "starflow2_jax.params", "version": 1, ...free-form metadata}
   DIR/params/       an orbax PyTree checkpoint of the (unboxed) parameter tree
 
-Nothing a user wrote is overwritten: saving into an existing non-empty directory is an error.
+Nothing a user wrote is overwritten: saving into an existing non-empty directory is an error. Saving is
+multi-process safe: every process writes its own shards of the (possibly sharded) arrays, process 0
+writes config.json and, once every shard is written, meta.json.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from starflow2_jax.errors import UserError
 
 FORMAT = "starflow2_jax.params"
 
@@ -27,18 +32,25 @@ def _abs(path: str) -> str:
 
 def save_params(out_dir: str, params: Any, config: ml_collections.ConfigDict,
                 metadata: dict | None = None) -> str:
-  """Write params + config to a new directory `out_dir`. Returns its absolute path."""
+  """Write params + config to a new directory `out_dir` (called by every process). Returns its
+  absolute path."""
   out_dir = _abs(out_dir)
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise FileExistsError(
         f"refusing to write a checkpoint into non-empty directory {out_dir}: choose a new --out")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  multihost_utils.sync_global_devices(f"save_params_checked_{out_dir}")  # before anyone writes
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  multihost_utils.sync_global_devices(f"save_params_dir_{out_dir}")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(out_dir, "params"), params)
-  with open(os.path.join(out_dir, "meta.json"), "w") as f:  # written last: marks a complete checkpoint
-    json.dump({"format": FORMAT, "version": 1, **(metadata or {})}, f, indent=2)
+  multihost_utils.sync_global_devices(f"save_params_saved_{out_dir}")
+  if jax.process_index() == 0:  # written last: marks a complete checkpoint
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+      json.dump({"format": FORMAT, "version": 1, **(metadata or {})}, f, indent=2)
+  multihost_utils.sync_global_devices(f"save_params_done_{out_dir}")
   return out_dir
 
 
@@ -77,8 +89,19 @@ def load_params(path: str, abstract_params: Any = None, shardings: Any = None) -
     return ckptr.restore(os.path.join(path, "params"), target)
 
 
+def read_tree(path: str) -> Any:
+  """Every array of the orbax PyTree checkpoint at `path` (whatever tree it holds, saved on whatever
+  mesh) as numpy arrays, on every process."""
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    stored = ckptr.metadata(path)
+    stored = getattr(stored, "item_metadata", stored)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), stored)
+    return jax.tree.map(np.asarray, ckptr.restore(path, target))
+
+
 def check_tree_shapes(expected: Any, found: Any, what: str) -> None:
-  """Raise ValueError listing missing/extra keys and shape mismatches between two trees."""
+  """Raise UserError listing missing/extra keys and shape mismatches between two trees."""
   exp = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
          jax.tree_util.tree_flatten_with_path(expected)[0]}
   got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
@@ -87,8 +110,8 @@ def check_tree_shapes(expected: Any, found: Any, what: str) -> None:
   problems += [f"  {k}: expected {exp[k]}, missing" for k in exp if k not in got]
   problems += [f"  {k}: unexpected parameter of shape {got[k]}" for k in got if k not in exp]
   if problems:
-    raise ValueError(f"{what} does not match the model config:\n" + "\n".join(problems[:50]) +
-                     (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""))
+    raise UserError(f"{what} does not match the model config:\n" + "\n".join(problems[:50]) +
+                    (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""))
 
 
 def to_numpy_tree(tree: Any) -> Any:

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
 
 from starflow2_jax.data import digits, pipeline, shapesworld
@@ -23,6 +24,35 @@ class ListSource:
     img = np.zeros((self.size, self.size, 1), np.uint8)
     img[0, :, 0] = np.arange(self.size)  # asymmetric, to see flips
     return {"image": img, "label": np.int32(i % 10)}
+
+
+class Fields:
+  """A picklable record transform (as a task supplies): image and label."""
+
+  def __call__(self, r):
+    return {"image": r["image"], "label": np.int32(r["label"])}
+
+
+class Text:
+  """A transform that turns the record's text into fixed-size arrays (as a tokenizer would): the UTF-8
+  bytes of the caption and of every question and answer, zero-padded to TEXT_LEN."""
+
+  def __call__(self, r):
+    qa = " | ".join(f"{q} -> {a}" for q, a in zip(r.get("questions", []), r.get("answers", [])))
+    return {"caption": _encode(r["caption"]), "qa": _encode(qa), "image": r["image"]}
+
+
+TEXT_LEN = 256
+
+
+def _encode(text):
+  b = np.frombuffer(text.encode(), np.uint8)
+  assert len(b) <= TEXT_LEN
+  return np.pad(b, (0, TEXT_LEN - len(b)))
+
+
+def _decode(a):
+  return bytes(a[a != 0]).decode()
 
 
 def _cfg(**kw):
@@ -80,10 +110,10 @@ def _indices(batch):
 
 def test_order_is_deterministic_and_seeded():
   src = ListSource(20)
-  it1, it2 = (pipeline.train_iterator(_cfg(), src, 4, seed=1) for _ in range(2))
+  it1, it2 = (pipeline.train_iterator(_cfg(), src, 4, 1, Fields()) for _ in range(2))
   b1, b2 = [_indices(next(it1)) for _ in range(10)], [_indices(next(it2)) for _ in range(10)]
   assert b1 == b2
-  it3 = pipeline.train_iterator(_cfg(), src, 4, seed=2)
+  it3 = pipeline.train_iterator(_cfg(), src, 4, 2, Fields())
   assert [_indices(next(it3)) for _ in range(10)] != b1
   flat = sum(b1, [])
   assert sorted(flat[:20]) == list(range(20)) and sorted(flat[20:]) == list(range(20))  # epochs
@@ -92,8 +122,9 @@ def test_order_is_deterministic_and_seeded():
 
 def test_process_shards_are_disjoint_and_cover_the_global_batch():
   src = ListSource(24)
-  single = pipeline.train_iterator(_cfg(flip=True), src, 8, seed=0)
-  procs = [pipeline.train_iterator(_cfg(flip=True), src, 8, seed=0, process_index=p, process_count=2)
+  single = pipeline.train_iterator(_cfg(flip=True), src, 8, 0, Fields())
+  procs = [pipeline.train_iterator(_cfg(flip=True), src, 8, 0, Fields(), process_index=p,
+                                   process_count=2)
            for p in range(2)]
   for _ in range(3):  # one epoch
     g = next(single)
@@ -105,12 +136,12 @@ def test_process_shards_are_disjoint_and_cover_the_global_batch():
 
 def test_iterator_state_restores_the_next_batch():
   src = ListSource(20)
-  it = pipeline.train_iterator(_cfg(flip=True), src, 4, seed=5)
+  it = pipeline.train_iterator(_cfg(flip=True), src, 4, 5, Fields())
   for _ in range(7):
     next(it)
   state = it.get_state()
   want = next(it)
-  it2 = pipeline.train_iterator(_cfg(flip=True), src, 4, seed=5)
+  it2 = pipeline.train_iterator(_cfg(flip=True), src, 4, 5, Fields())
   it2.set_state(state)
   got = next(it2)
   for k in want:
@@ -120,13 +151,13 @@ def test_iterator_state_restores_the_next_batch():
 
 def test_flip_is_applied_to_about_half():
   src = ListSource(200)
-  b = next(pipeline.train_iterator(_cfg(flip=True), src, 200, seed=0))
+  b = next(pipeline.train_iterator(_cfg(flip=True), src, 200, 0, Fields()))
   flipped = b["image"][:, 0, 0, 0] == 3
   assert 60 < flipped.sum() < 140
 
 
 def test_wrong_image_size_is_a_clear_error():
-  it = pipeline.train_iterator(_cfg(image_size=8), ListSource(10), 2, seed=0)
+  it = pipeline.train_iterator(_cfg(image_size=8), ListSource(10), 2, 0, Fields())
   with pytest.raises(ValueError, match=r"image shape \(4, 4, 1\), expected \(8, 8, 1\)"):
     next(it)
 
@@ -143,6 +174,42 @@ def test_folder_source(tmp_path):
     src[2]
   with pytest.raises(FileNotFoundError, match="captions.jsonl"):
     FolderSource(str(tmp_path / "nowhere"), 8)
+
+
+@pytest.fixture
+def parsed_flags():
+  """grain's worker processes read absl flags: parse them for the test, unparse afterwards."""
+  flags.FLAGS(["test_data"])
+  yield
+  flags.FLAGS.unparse_flags()
+
+
+def test_captions_and_qa_reach_the_task_transform(tmp_path, parsed_flags):
+  """ShapesWorld records (captions, questions, answers) and a caption folder's records flow through
+  the training iterator (in grain worker processes too: the transform is pickled) and the held-out
+  batches to the task's transform, untouched."""
+  src = shapesworld.ShapesWorldSource("train", 8, 12, seed=1)
+  for workers in (0, 1):
+    it = pipeline.train_iterator(_cfg(image_size=8, channels=3, worker_count=workers), src, 4, 0, Text())
+    for _ in range(3):
+      b = next(it)
+      for row, i in enumerate(_indices(b)):
+        r = src[i]
+        assert _decode(b["caption"][row]) == r["caption"]
+        assert _decode(b["qa"][row]).split(" | ") == [f"{q} -> {a}" for q, a in
+                                                      zip(r["questions"], r["answers"])]
+        assert np.array_equal(b["image"][row], r["image"])
+  held = list(pipeline.eval_batches(_cfg(image_size=8, channels=3), src, 5, Text(), limit=7))
+  assert [len(b["caption"]) for b in held] == [5, 2] and "index" not in held[0]
+  assert [_decode(c) for b in held for c in b["caption"]] == [src[i]["caption"] for i in range(7)]
+  for i in range(2):
+    Image.fromarray(np.full((4, 4, 1), 9 * i, np.uint8)[..., 0]).save(tmp_path / f"{i}.png")
+  with open(tmp_path / "captions.jsonl", "w") as f:
+    for i in range(2):
+      f.write(json.dumps({"image": f"{i}.png", "caption": f"a grey square number {i}"}) + "\n")
+  folder = FolderSource(str(tmp_path), 4, 1)
+  b = next(pipeline.train_iterator(_cfg(), folder, 2, 0, Text()))
+  assert sorted(_decode(c) for c in b["caption"]) == ["a grey square number 0", "a grey square number 1"]
 
 
 def test_tfds_writer_and_source_round_trip(tmp_path):

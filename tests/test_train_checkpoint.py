@@ -19,7 +19,7 @@ import pytest
 
 from starflow2_jax import ckpt, parallel
 from starflow2_jax.data import pipeline
-from starflow2_jax.train import checkpointing, state as state_lib
+from starflow2_jax.train import checkpointing, flow_task, state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "tests", "train_runner.py")
@@ -99,6 +99,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, env):
   ma = json.loads((a / "summary.json").read_text())["metrics"]
   mb = json.loads((b / "summary.json").read_text())["metrics"]
   assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]
+  # on a CPU (no chip peak known) MFU is against the matmul peak measured at start-up, never a 0
+  assert "mfu" not in ma and 0 < ma["mfu_vs_matmul"] < 1 and ma["flops_per_sec"] > 0
   # the final parameters are exported as a parameter checkpoint that carries the config (launch.sample)
   assert ckpt.load_config(str(a / "params_0000012")).model.width == 32
   exported = ckpt.load_params(str(a / "params_0000012"))
@@ -144,7 +146,7 @@ def _abstract(sh, state):
 def _data_iter():
   cfg = pipeline.default_data_config()
   cfg.image_size = 8
-  return pipeline.train_iterator(cfg, pipeline.build_source(cfg, "train"), 8, 0)
+  return pipeline.train_iterator(cfg, pipeline.build_source(cfg, "train"), 8, 0, flow_task.ImageLabel())
 
 
 def _save_steps(directory, mesh, steps, process_count=1):

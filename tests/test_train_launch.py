@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from starflow2_jax import flows
-from starflow2_jax.train import loop
+from starflow2_jax.train import loop, mfu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -58,3 +58,17 @@ def test_missing_data_dir_fails_clearly(tmp_path):
   cfg.train.batch_size = 8
   with pytest.raises(FileNotFoundError, match=r"data.data_dir='' is not a directory"):
     loop.train_and_evaluate(cfg, str(tmp_path))
+
+
+@pytest.mark.parametrize("kind,peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12),
+                                       ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
+                                       ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None)])
+def test_chip_peak_table(kind, peak):
+  assert mfu.chip_peak(kind) == peak
+
+
+def test_peak_flops_override_and_measured_fallback():
+  assert mfu.peak(123e12) == ("mfu", 123e12)
+  name, measured = mfu.peak(0.0)  # the test devices are CPUs: not in the table
+  assert name == "mfu_vs_matmul" and measured > 1e8

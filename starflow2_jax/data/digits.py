@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from starflow2_jax.errors import UserError
+
 NUM_TEST = 297  # 1,797 = 1,500 train + 297 held-out
 SPLIT_SEED = 0  # the permutation that defines the split (never the training seed)
 DIGITS_MAX = 16.0  # sklearn digits are integers in [0, 16]
@@ -19,9 +21,9 @@ class DigitsSource:
   def __init__(self, split: str = "train", image_size: int = 16, channels: int = 1):
     from sklearn.datasets import load_digits  # local import: only this source needs scikit-learn
     if split not in ("train", "test"):
-      raise ValueError(f"digits split must be 'train' or 'test', found {split!r}")
+      raise UserError(f"digits split must be 'train' or 'test', found {split!r}")
     if channels not in (1, 3):
-      raise ValueError(f"digits: data.channels must be 1 or 3, found {channels}")
+      raise UserError(f"digits: data.channels must be 1 or 3, found {channels}")
     d = load_digits()
     order = np.random.default_rng(SPLIT_SEED).permutation(len(d.target))
     idx = order[:-NUM_TEST] if split == "train" else order[-NUM_TEST:]

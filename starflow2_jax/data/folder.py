@@ -12,6 +12,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from starflow2_jax.errors import UserError
+
 INDEX_FILE = "captions.jsonl"
 
 
@@ -31,10 +33,10 @@ class FolderSource:
           continue
         e = json.loads(line)
         if "image" not in e:
-          raise ValueError(f"{path}:{n}: entry has no \"image\" field: {line.strip()[:200]}")
+          raise UserError(f"{path}:{n}: entry has no \"image\" field: {line.strip()[:200]}")
         self.entries.append(e)
     if not self.entries:
-      raise ValueError(f"{path} lists no images")
+      raise UserError(f"{path} lists no images")
     self.image_size, self.channels = image_size, channels
 
   def __len__(self) -> int:
@@ -46,8 +48,8 @@ class FolderSource:
     with Image.open(path) as im:
       im = im.convert("L" if self.channels == 1 else "RGB")
       if im.size != (self.image_size, self.image_size):
-        raise ValueError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected "
-                         f"{self.image_size}x{self.image_size} (data.image_size); resize the folder first")
+        raise UserError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected "
+                        f"{self.image_size}x{self.image_size} (data.image_size); resize the folder first")
       img = np.asarray(im, dtype=np.uint8)
     if img.ndim == 2:
       img = img[..., None]

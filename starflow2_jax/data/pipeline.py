@@ -7,24 +7,32 @@ augmentation (drawn from (seed, k)) are independent of the number of processes a
 the processes' shards are disjoint and together cover each epoch, and the iterator state is the step
 (`iterator_state`), so a checkpoint restores onto any number of processes.
 
-Batches hold what the train step needs: {"image": uint8 [b, H, W, C], "label": int32 [b]}.
+Records. A source's record is a dict: {"image": uint8 [S, S, C], "label": int32} plus whatever text the
+dataset has ("caption"; ShapesWorld also "questions", "answers"). The pipeline checks the image shape and
+applies the augmentation (flip) to it, then hands the whole record to the task's `transform` (a
+picklable `record -> {name: numpy array}`, e.g. a tokenizer of captions), so batches hold what the
+task's step needs: the stacked transform outputs [b, ...], plus INDEX_KEY (int64 [b], the record's index
+in its source, for tests and debugging; the loop does not feed it to the step).
 """
 from __future__ import annotations
 
 import functools
 import sys
+from typing import Callable
 
 import grain
 import ml_collections
 import numpy as np
 
 from starflow2_jax.data.digits import DigitsSource
+from starflow2_jax.errors import UserError
 from starflow2_jax.data.folder import FolderSource
 from starflow2_jax.data.shapesworld import ShapesWorldSource
 from starflow2_jax.data.tfds_source import TfdsSource
 
 DATASETS = ("digits", "shapesworld", "folder", "tfds")
 _FLIP_STREAM = 1  # sub-stream id of the flip draws in the (seed, element, stream) RNG
+INDEX_KEY = "index"  # batches' record indices (not a task field)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -58,15 +66,28 @@ def build_source(data: ml_collections.ConfigDict, split: str):
     return FolderSource(data.dir, data.image_size, data.channels)
   if data.name == "tfds":
     return TfdsSource(data.tfds_name, data.data_dir, split)
-  raise ValueError(f"data.name={data.name!r}: expected one of {DATASETS}")
+  raise UserError(f"data.name={data.name!r}: expected one of {DATASETS}")
+
+
+def _checked_image(record: dict, i: int, image_shape: tuple) -> np.ndarray:
+  img = np.asarray(record["image"])
+  if img.shape != image_shape:
+    raise UserError(f"record {i}: image shape {img.shape}, expected {image_shape} from "
+                    "data.image_size and data.channels")
+  return img
+
+
+def _stack(rows: list[dict]) -> dict:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 class GlobalBatchLoader:
   """Maps a step s to this process's rows of global batch s (picklable: grain may run it in workers)."""
 
   def __init__(self, source, global_batch: int, seed: int, image_shape: tuple, flip: bool,
-               process_index: int, process_count: int):
+               transform: Callable[[dict], dict], process_index: int, process_count: int):
     self.source, self.global_batch, self.seed, self.flip = source, global_batch, seed, flip
+    self.transform = transform
     self.image_shape = tuple(image_shape)
     self.per_host = global_batch // process_count
     self.offset = process_index * self.per_host
@@ -76,31 +97,32 @@ class GlobalBatchLoader:
     return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
 
   def element(self, k: int) -> dict:
-    """Stream element k (global position): the record and its augmentation."""
+    """Stream element k (global position): the task's transform of the augmented record."""
     n = len(self.source)
     i = int(self._perm(k // n)[k % n])
-    r = self.source[i]
-    img = np.asarray(r["image"])
-    if img.shape != self.image_shape:
-      raise ValueError(f"record {i}: image shape {img.shape}, expected {self.image_shape} from "
-                       "data.image_size and data.channels")
+    r = dict(self.source[i])
+    r["image"] = _checked_image(r, i, self.image_shape)
     if self.flip and np.random.default_rng([self.seed, k, _FLIP_STREAM]).random() < 0.5:
-      img = img[:, ::-1]
-    return {"image": img, "label": np.int32(r.get("label", -1)), "index": np.int64(i)}
+      r["image"] = r["image"][:, ::-1]
+    return {**self.transform(r), INDEX_KEY: np.int64(i)}
 
   def __call__(self, step: int) -> dict:
     start = int(step) * self.global_batch + self.offset
-    rows = [self.element(k) for k in range(start, start + self.per_host)]
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return _stack([self.element(k) for k in range(start, start + self.per_host)])
+
+
+def _image_shape(data: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  return (int(data.image_size), int(data.image_size), int(data.channels))
 
 
 def train_iterator(data: ml_collections.ConfigDict, source, global_batch: int, seed: int,
-                   process_index: int = 0, process_count: int = 1):
-  """A checkpointable grain iterator over this process's slices of the global training batches."""
+                   transform: Callable[[dict], dict], process_index: int = 0, process_count: int = 1):
+  """A checkpointable grain iterator over this process's slices of the global training batches,
+  each record passed through `transform` (the task's `record_transform`)."""
   if global_batch % process_count:
-    raise ValueError(f"train.batch_size={global_batch} is not divisible by {process_count} processes")
-  loader = GlobalBatchLoader(source, global_batch, seed, (data.image_size, data.image_size, data.channels),
-                             data.flip, process_index, process_count)
+    raise UserError(f"train.batch_size={global_batch} is not divisible by {process_count} processes")
+  loader = GlobalBatchLoader(source, global_batch, seed, _image_shape(data), data.flip, transform,
+                             process_index, process_count)
   ds = grain.MapDataset.range(sys.maxsize).map(loader)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, data.prefetch),
                                                prefetch_buffer_size=data.prefetch))
@@ -114,12 +136,17 @@ def iterator_state(step: int) -> dict:
   return {"next_index": int(step)}
 
 
-def eval_batches(source, batch_size: int, limit: int | None = None):
-  """The held-out split in order, no augmentation: yields {"image", "label"} numpy batches (last one
-  possibly smaller)."""
+def eval_batches(data: ml_collections.ConfigDict, source, batch_size: int,
+                 transform: Callable[[dict], dict], limit: int | None = None):
+  """The held-out split in order, no augmentation: yields the stacked `transform` outputs of up to
+  `batch_size` records (the last batch possibly smaller; no INDEX_KEY)."""
   n = len(source) if limit is None else min(limit, len(source))
+  shape = _image_shape(data)
   for start in range(0, n, batch_size):
-    rows = [source[i] for i in range(start, min(n, start + batch_size))]
-    yield {"image": np.stack([r["image"] for r in rows]),
-           "label": np.asarray([r.get("label", -1) for r in rows], np.int32)}
+    rows = []
+    for i in range(start, min(n, start + batch_size)):
+      r = dict(source[i])
+      r["image"] = _checked_image(r, i, shape)
+      rows.append(transform(r))
+    yield _stack(rows)
 

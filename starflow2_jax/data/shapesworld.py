@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from starflow2_jax.errors import UserError
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40),
            "purple": (150, 60, 190), "orange": (240, 140, 30), "white": (245, 245, 245)}
 KINDS = ("circle", "square", "triangle", "cross")
@@ -59,12 +61,12 @@ class ShapesWorldSource:
   def __init__(self, split: str = "train", image_size: int = 32, num_records: int = 10000, seed: int = 0,
                exclude=()):
     if split not in _SPLIT_IDS:
-      raise ValueError(f"shapesworld split must be one of {sorted(_SPLIT_IDS)}, found {split!r}")
+      raise UserError(f"shapesworld split must be one of {sorted(_SPLIT_IDS)}, found {split!r}")
     self.exclude = {tuple(e) for e in exclude}
     for c, k in self.exclude:
       if c not in COLOURS or k not in KINDS:
-        raise ValueError(f"shapesworld exclude entry ({c!r}, {k!r}): colours are {sorted(COLOURS)}, "
-                         f"kinds are {list(KINDS)}")
+        raise UserError(f"shapesworld exclude entry ({c!r}, {k!r}): colours are {sorted(COLOURS)}, "
+                        f"kinds are {list(KINDS)}")
     self.split, self.image_size, self.num_records, self.seed = split, image_size, num_records, seed
 
   def __len__(self) -> int:

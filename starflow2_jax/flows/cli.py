@@ -58,6 +58,16 @@ def _labels(cfg: FlowConfig, labels: Sequence[int] | None, num: int):
   return jnp.asarray([labels[i % len(labels)] for i in range(num)], jnp.int32)
 
 
+def guidance_from_config(sample: ml_collections.ConfigDict, parametrisation: str,
+                         weight: float | None = None) -> Guidance:
+  """The guidance of `config.sample` {guidance, guidance_rule ("" or absent: the model's own rule),
+  cfg_anneal, attn_temp}; `weight` overrides sample.guidance. Training samples and launch.sample alike."""
+  weight = float(sample.get("guidance", 0.0)) if weight is None else weight
+  rule = sample.get("guidance_rule", "") or Guidance.for_model(parametrisation, weight).rule
+  return Guidance(weight=weight, rule=rule, anneal=bool(sample.get("cfg_anneal", False)),
+                  attn_temp=float(sample.get("attn_temp", 1.0)))
+
+
 def sample_to_dir(checkpoint: str, out: str, *, num: int | None = None,
                   config: ml_collections.ConfigDict | None = None, noise_path: str | None = None,
                   labels: Sequence[int] | None = None, guidance: float | None = None,
@@ -83,11 +93,8 @@ def sample_to_dir(checkpoint: str, out: str, *, num: int | None = None,
       raise ValueError("pass --num (or --noise=FILE.npy)")
     z = noise(jax.random.key(seed), num, cfg.num_tokens, cfg.token_dim, temperature)
   num = z.shape[0]
-  sample_cfg = config.get("sample", ml_collections.ConfigDict())
-  weight = sample_cfg.get("guidance", 0.0) if guidance is None else guidance
-  rule = Guidance.for_model(cfg.parametrisation, weight).rule  # a model's own rule by default
-  g = Guidance(weight=weight, rule=sample_cfg.get("guidance_rule", rule),
-               anneal=sample_cfg.get("cfg_anneal", False), attn_temp=sample_cfg.get("attn_temp", 1.0))
+  g = guidance_from_config(config.get("sample", ml_collections.ConfigDict()), cfg.parametrisation,
+                           guidance)
   y = _labels(cfg, labels, num)
   run = jax.jit(functools.partial(reverse, model, guidance=g, jacobi=jacobi))
   x, info = run(variables, z, y)

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from starflow2_jax import ckpt
 from starflow2_jax.data import pipeline
+from starflow2_jax.errors import UserError
 from starflow2_jax.train.state import TrainState
 
 CORRUPT_SUFFIX = ".corrupt"
@@ -95,9 +96,9 @@ class Checkpointer:
       ckpt.check_tree_shapes({"params": abstract.params}, {"params": stored["params"]}, what=where)
       n_stored, n_expected = len(jax.tree.leaves(stored)), len(jax.tree.leaves(abstract))
       if n_stored != n_expected:
-        raise ValueError(f"{where} holds a train state of {n_stored} arrays, the config expects "
-                         f"{n_expected}: the optimizer or train.ema_decay differ from the run that "
-                         "saved it; use the same settings or a new --workdir")
+        raise UserError(f"{where} holds a train state of {n_stored} arrays, the config expects "
+                        f"{n_expected}: the optimizer, train.trainable or train.ema_decay differ from "
+                        "the run that saved it; use the same settings or a new --workdir")
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
