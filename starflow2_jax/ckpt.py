@@ -18,6 +18,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from starflow2_jax.errors import UserError
+
 FORMAT = "starflow2_jax.params"
 
 
@@ -78,7 +80,7 @@ def load_params(path: str, abstract_params: Any = None, shardings: Any = None) -
 
 
 def check_tree_shapes(expected: Any, found: Any, what: str) -> None:
-  """Raise ValueError listing missing/extra keys and shape mismatches between two trees."""
+  """Raise UserError (a ValueError) listing missing/extra keys and shape mismatches between two trees."""
   exp = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
          jax.tree_util.tree_flatten_with_path(expected)[0]}
   got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
@@ -87,8 +89,8 @@ def check_tree_shapes(expected: Any, found: Any, what: str) -> None:
   problems += [f"  {k}: expected {exp[k]}, missing" for k in exp if k not in got]
   problems += [f"  {k}: unexpected parameter of shape {got[k]}" for k in got if k not in exp]
   if problems:
-    raise ValueError(f"{what} does not match the model config:\n" + "\n".join(problems[:50]) +
-                     (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""))
+    raise UserError(f"{what} does not match the model config:\n" + "\n".join(problems[:50]) +
+                    (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""))
 
 
 def to_numpy_tree(tree: Any) -> Any:
