@@ -1,7 +1,7 @@
 """Train from a config file: `python -m launch.train --config=configs/<experiment>.py --workdir=DIR
 [--config.field=value ...]`. Resumes from WORKDIR's latest checkpoint. Multi-process runs (TPU pods,
 SLURM) are detected by `jax.distributed`; pass --coordinator/--num_processes/--process_id otherwise.
-Library logs (orbax, grain, jax) below WARNING are shown with --verbosity=1."""
+Library logs (orbax, grain, jax) below WARNING are shown when --verbosity is given (0: INFO, 1: DEBUG)."""
 from absl import flags, logging
 from ml_collections import config_flags
 

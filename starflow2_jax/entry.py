@@ -10,7 +10,8 @@ What it adds to absl's `app.run`:
     (named, with a "Did you mean" hint); a `--config` file that does not exist. Any other exception is a
     bug and keeps its traceback (exit status 1).
   * Quiet libraries: records below WARNING from outside this project (orbax, grain, jax, absl) are
-    dropped unless `--verbosity` (`-v`) is at least 1; the project's own INFO lines stay.
+    dropped unless `--verbosity` (`-v`) is given: then absl's own rule holds (`--verbosity=0` shows
+    every INFO record, 1 adds DEBUG). The project's own INFO lines and the progress bar stay.
 """
 from __future__ import annotations
 
@@ -30,21 +31,19 @@ from starflow2_jax.errors import UserError
 USER_ERROR_EXIT = 2
 # Mistakes raised by `main` that are printed as one line: the user's to fix, never a bug.
 USER_MISTAKES = (UserError, FileNotFoundError, FileExistsError, app.UsageError)
-# absl verbosity from which library INFO/DEBUG records are shown (absl's DEBUG level, `-v 1`).
-LIBRARY_VERBOSITY = absl_logging.DEBUG
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class ProjectLogFilter(logging.Filter):
-  """Passes a record at WARNING or above, one from a file under `roots`, or any record once absl's
-  verbosity reaches `LIBRARY_VERBOSITY`; drops library chatter otherwise."""
+  """Passes a record at WARNING or above, one from a file under `roots`, or any record once
+  `--verbosity` is given on the command line; drops library chatter otherwise."""
 
   def __init__(self, roots: tuple[str, ...]):
     super().__init__()
     self.roots = tuple(os.path.join(os.path.abspath(r), "") for r in roots)
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.WARNING or absl_logging.get_verbosity() >= LIBRARY_VERBOSITY:
+    if record.levelno >= logging.WARNING or flags.FLAGS["verbosity"].present:
       return True
     return os.path.abspath(record.pathname).startswith(self.roots)
 

@@ -165,6 +165,7 @@ def test_library_info_is_quiet_unless_verbosity(fake_entry):
   quiet = fake_entry().stderr
   assert "project line" in quiet and "library warning" in quiet
   assert "library absl info" not in quiet and "library python info" not in quiet
-  loud = fake_entry("--verbosity=1").stderr
-  for line in ("project line", "library warning", "library absl info", "library python info"):
-    assert line in loud, loud
+  for verbosity in ("--verbosity=0", "-v=1"):  # given: absl's own rule
+    loud = fake_entry(verbosity).stderr
+    for line in ("project line", "library warning", "library absl info", "library python info"):
+      assert line in loud, loud
