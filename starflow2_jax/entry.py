@@ -19,7 +19,7 @@ import difflib
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -48,7 +48,7 @@ class ProjectLogFilter(logging.Filter):
     return os.path.abspath(record.pathname).startswith(self.roots)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
   """Print a user's mistake as `error: <message>` on stderr and exit with `USER_ERROR_EXIT`."""
   sys.stderr.write(f"error: {message}\n")
   sys.stderr.flush()
@@ -117,7 +117,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    fail(f"{e} (--helpshort lists the flags)")
+    fail("; ".join(str(e).splitlines()) + " (--helpshort lists the flags)")  # all on one line
   except (AttributeError, KeyError, OSError):
     message = config_mistake(argv, parsed=False)
     if message is None:  # not a user's override: a bug, keep the traceback
