@@ -7,7 +7,10 @@
   python -m launch.build_dataset --source=folder --dir=/data/my_images --name=mine --data_dir=/data/tfds \
       --image_size=64
 """
-from absl import app, flags, logging
+from absl import flags, logging
+
+from starflow2_jax import entry
+from starflow2_jax.errors import UserError
 
 _SOURCE = flags.DEFINE_enum("source", None, ["digits", "shapesworld", "folder"], "what to write")
 _NAME = flags.DEFINE_string("name", None, "tfds dataset name to write")
@@ -25,7 +28,7 @@ flags.mark_flags_as_required(["source", "name", "data_dir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments {argv[1:]}: every option is a --flag")
   from starflow2_jax.data import digits, shapesworld
   from starflow2_jax.data.folder import FolderSource
   from starflow2_jax.data.tfds_source import write_tfds_dataset
@@ -47,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main)

@@ -7,10 +7,12 @@
 
 --config (optional) names the expected model: a mismatch with the source's own shapes is an error.
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from starflow2_jax import entry
 from starflow2_jax.convert import hf_qwen2_5_vl, tarflow_torch
+from starflow2_jax.errors import UserError
 
 flags.DEFINE_enum("from", None, ["hf_qwen2_5_vl", "tarflow_torch"], "Source format of --checkpoint.")
 flags.DEFINE_string("checkpoint", None, "Source checkpoint (file or directory).")
@@ -34,9 +36,10 @@ CONVERTERS = {
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}: every option is a --flag")
   print(f"wrote {CONVERTERS[FLAGS['from'].value]()}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main)

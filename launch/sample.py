@@ -13,10 +13,11 @@ VLM chat (model_kind "qwen2_5_vl"):
       --prompt="What is in this picture?" --image=cat.jpg --max_new_tokens=64 --temperature=0 \
       [--out=/tmp/chat]   # also writes /tmp/chat/generation.json (prompt ids, generated ids)
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from starflow2_jax import ckpt
+from starflow2_jax import ckpt, entry
+from starflow2_jax.errors import UserError
 from starflow2_jax.flows import Jacobi
 from starflow2_jax.flows import cli as flow_cli
 from starflow2_jax.vlm import chat
@@ -59,7 +60,7 @@ def sample_vlm():
 
 def sample_flow():
   if not FLAGS.out:
-    raise ValueError("--out is required for flow samples")
+    raise UserError("--out is required for flow samples: pass --out=DIR (a new directory)")
   jacobi = (Jacobi(FLAGS.jacobi_block, FLAGS.jacobi_threshold, FLAGS.jacobi_max_iter)
             if FLAGS.jacobi_block else None)
   record = flow_cli.sample_to_dir(
@@ -85,17 +86,18 @@ KIND_FLAGS = {
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}: every option is a --flag")
   kind = (FLAGS.config or ckpt.load_config(FLAGS.checkpoint)).get("model_kind")
   if kind not in SAMPLERS:
-    raise ValueError(f"{FLAGS.checkpoint}: config.model_kind must be one of {sorted(SAMPLERS)}, "
-                     f"found {kind!r}")
+    raise UserError(f"{FLAGS.checkpoint}: config.model_kind must be one of {sorted(SAMPLERS)}, "
+                    f"found {kind!r}")
   stray = [f"--{name}" for other, names in KIND_FLAGS.items() if other != kind for name in names
            if FLAGS[name].present]
   if stray:
-    raise ValueError(f"{FLAGS.checkpoint} is a {kind!r} checkpoint; {stray} do not apply to it")
+    raise UserError(f"{FLAGS.checkpoint} is a {kind!r} checkpoint; {stray} do not apply to it")
   SAMPLERS[kind]()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main)

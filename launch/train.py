@@ -1,8 +1,12 @@
 """Train from a config file: `python -m launch.train --config=configs/<experiment>.py --workdir=DIR
 [--config.field=value ...]`. Resumes from WORKDIR's latest checkpoint. Multi-process runs (TPU pods,
-SLURM) are detected by `jax.distributed`; pass --coordinator/--num_processes/--process_id otherwise."""
-from absl import app, flags, logging
+SLURM) are detected by `jax.distributed`; pass --coordinator/--num_processes/--process_id otherwise.
+Library logs (orbax, grain, jax) below WARNING are shown when --verbosity is given (0: INFO, 1: DEBUG)."""
+from absl import flags, logging
 from ml_collections import config_flags
+
+from starflow2_jax import entry
+from starflow2_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
@@ -14,7 +18,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments {argv[1:]}: every option is a --flag")
   from starflow2_jax import parallel  # imported after flag parsing: grain workers spawn this module
   from starflow2_jax.train import loop
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -26,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main)

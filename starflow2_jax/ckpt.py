@@ -101,7 +101,7 @@ def read_tree(path: str) -> Any:
 
 
 def check_tree_shapes(expected: Any, found: Any, what: str) -> None:
-  """Raise UserError listing missing/extra keys and shape mismatches between two trees."""
+  """Raise UserError (a ValueError) listing missing/extra keys and shape mismatches between two trees."""
   exp = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
          jax.tree_util.tree_flatten_with_path(expected)[0]}
   got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in

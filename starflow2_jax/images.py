@@ -7,6 +7,10 @@ import os
 import numpy as np
 from PIL import Image
 
+# A grid cell's side in pixels that a person can read: cells smaller than this are enlarged by the
+# largest whole factor that keeps them within it (16x16 digits -> 128 px; 256x256 photos stay as they are).
+READABLE_CELL_PX = 128
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """[..., H, W, C] floats in [-1, 1] -> uint8 (clipped, rounded)."""
@@ -38,7 +42,15 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1, overwrite: bool = F
   return path
 
 
-def save_grid(path: str, images: np.ndarray, cols: int | None = None, upscale: int = 1,
+def grid_upscale(height: int, width: int) -> int:
+  """The one enlargement rule for image grids: max(1, READABLE_CELL_PX // max(H, W)), so a cell of
+  side <= READABLE_CELL_PX / 2 ends between READABLE_CELL_PX / 2 and READABLE_CELL_PX pixels."""
+  return max(1, READABLE_CELL_PX // max(height, width))
+
+
+def save_grid(path: str, images: np.ndarray, cols: int | None = None, upscale: int | None = None,
               overwrite: bool = False) -> str:
-  """[N, H, W, C] floats in [-1, 1] -> a PNG grid at `path`."""
+  """[N, H, W, C] floats in [-1, 1] -> a PNG grid at `path`, enlarged `upscale` times (nearest
+  neighbour; default `grid_upscale(H, W)`)."""
+  upscale = grid_upscale(*images.shape[1:3]) if upscale is None else upscale
   return save_png(path, make_grid(to_uint8(images), cols), upscale, overwrite)

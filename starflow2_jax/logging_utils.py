@@ -33,8 +33,9 @@ class MetricWriter:
       self._writer.close()
 
 
-def write_png_grid(path: str, images: np.ndarray, upscale: int = 1) -> str | None:
-  """Write float [N, H, W, C] images in [-1, 1] as a grid PNG (process 0). Never overwrites a file."""
+def write_png_grid(path: str, images: np.ndarray, upscale: int | None = None) -> str | None:
+  """Write float [N, H, W, C] images in [-1, 1] as a grid PNG (process 0), enlarged by `upscale`
+  (default: `images.grid_upscale`, the rule `launch.sample` follows too). Never overwrites a file."""
   if jax.process_index() != 0:
     return None
   return image_io.save_grid(path, images, upscale=upscale)

@@ -1,0 +1,69 @@
+"""tests/parity_guard.py: under CI=true a parity test skipped for want of its reference package fails
+the run; locally it stays a skip, listed loudly; other skips are untouched."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+# A broken install (the package is there, its import raises ImportError) and a missing one.
+BROKEN = {"torch": "raise ImportError('libtorch_cpu.so: cannot open shared object file')",
+          "tiktoken": "raise ModuleNotFoundError(\"No module named 'tiktoken'\")"}
+SUITE = {
+    "test_module_level.py": """
+        import pytest
+        torch = pytest.importorskip("torch")
+
+        def test_parity():
+          assert torch
+        """,
+    "test_inside.py": """
+        import pytest
+
+        def test_tokenizer_parity():
+          pytest.importorskip("tiktoken")
+
+        def test_unrelated_skip():
+          pytest.importorskip("not_a_parity_package_anywhere")
+
+        def test_plain():
+          assert True
+        """,
+}
+
+
+def _pytest(tmp_path, ci):
+  fake = tmp_path / "site"
+  for name, body in BROKEN.items():
+    (fake / name).mkdir(parents=True)
+    (fake / name / "__init__.py").write_text(body + "\n")
+  suite = tmp_path / "suite"
+  suite.mkdir()
+  (suite / "pytest.ini").write_text("[pytest]\n")  # the run's own rootdir and settings
+  for name, body in SUITE.items():
+    (suite / name).write_text(textwrap.dedent(body))
+  env = {k: v for k, v in os.environ.items() if k != "CI"}
+  env["PYTHONPATH"] = os.pathsep.join([str(fake), TESTS])
+  if ci is not None:
+    env["CI"] = ci
+  return subprocess.run([sys.executable, "-m", "pytest", "-p", "parity_guard", "-p", "no:cacheprovider",
+                         "-q", "-rs", str(suite)], cwd=suite, env=env, capture_output=True, text=True,
+                        timeout=120)
+
+
+@pytest.mark.parametrize("ci,failed", [("true", True), ("1", True), (None, False), ("false", False)])
+def test_parity_skips_fail_only_in_ci(tmp_path, ci, failed):
+  r = _pytest(tmp_path, ci)
+  out = r.stdout
+  assert r.returncode == (1 if failed else 0), out + r.stderr
+  assert "1 passed, 3 skipped" in out, out  # every test still ran (or skipped) as before
+  verdict = "CI=true: failing the run" if failed else "set CI=true to make this an error"
+  assert f"2 parity test(s) skipped ({verdict})" in out, out
+  assert ("SKIPPED PARITY test_module_level.py: could not import 'torch': "
+          "libtorch_cpu.so: cannot open shared object file") in out, out
+  assert ("SKIPPED PARITY test_inside.py::test_tokenizer_parity: could not import 'tiktoken': "
+          "No module named 'tiktoken'") in out, out
+  assert "SKIPPED PARITY test_inside.py::test_unrelated_skip" not in out
