@@ -138,7 +138,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     frozen = jax.lax.stop_gradient(frozen)
     loss, metrics, grads = grads_fn(state.params, frozen, batch, rng)
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
