@@ -171,3 +171,20 @@ def test_sharded_forward_matches_single_device(hf_dirs):
   want = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
   assert sharded.sharding.is_equivalent_to(want, 3), sharded.sharding
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(fwd(single)), rtol=0, atol=1e-5)
+
+
+def test_rules_come_from_the_caller_not_the_checkpoint(hf_dirs, tmp_path):
+  """The stored config carries no sharding rules; an older checkpoint's `sharding` section is ignored
+  and the parameters follow the caller's mesh and the one rules table."""
+  out = conv.convert(str(hf_dirs / "single"), str(tmp_path / "ck"))
+  path = os.path.join(out, "config.json")
+  with open(path) as f:
+    stored = json.load(f)
+  assert "sharding" not in stored
+  stored["sharding"] = {"logical_rules": [["embed", "tensor"], ["mlp", None]]}  # an older layout
+  with open(path, "w") as f:
+    json.dump(stored, f)
+  mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  _, params, _ = chat.load_vlm(out, mesh=mesh)
+  up = params["layers"]["stack"]["mlp"]["up"]["kernel"]
+  assert up.sharding.spec == GOLDEN["layers/stack/mlp/up/kernel"] == P(None, "fsdp", "tensor")
