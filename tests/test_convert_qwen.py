@@ -2,7 +2,6 @@
 PartitionSpecs (golden table), and clear errors for bad input."""
 import json
 import os
-import re
 import shutil
 
 import jax
@@ -19,7 +18,7 @@ from starflow2_jax.convert import hf_qwen2_5_vl as conv  # noqa: E402
 from starflow2_jax.vlm import chat  # noqa: E402
 
 # parallel.DEFAULT_LOGICAL_RULES on an (fsdp=2, tensor=4) mesh; one entry per parameter kind
-# (decoder layers are stacked on a replicated leading axis; blocks_<b> stands for every vision block).
+# (decoder layers and vision blocks are stacked on a replicated leading layer axis).
 GOLDEN = {
     "embed_tokens/embedding": P("tensor", "fsdp"),
     "layers/stack/norm1/scale": P(None, "fsdp"),
@@ -37,18 +36,18 @@ GOLDEN = {
     "norm/scale": P("fsdp"),
     "lm_head/kernel": P("fsdp", "tensor"),
     "visual/patch_embed/kernel": P(None, "fsdp"),
-    "visual/blocks_0/norm1/scale": P("fsdp"),
-    "visual/blocks_0/norm2/scale": P("fsdp"),
-    "visual/blocks_0/attn/qkv/kernel": P("fsdp", "tensor"),
-    "visual/blocks_0/attn/qkv/bias": P("tensor"),
-    "visual/blocks_0/attn/out/kernel": P("tensor", "fsdp"),
-    "visual/blocks_0/attn/out/bias": P("fsdp"),
-    "visual/blocks_0/mlp/gate/kernel": P("fsdp", "tensor"),
-    "visual/blocks_0/mlp/gate/bias": P("tensor"),
-    "visual/blocks_0/mlp/up/kernel": P("fsdp", "tensor"),
-    "visual/blocks_0/mlp/up/bias": P("tensor"),
-    "visual/blocks_0/mlp/down/kernel": P("tensor", "fsdp"),
-    "visual/blocks_0/mlp/down/bias": P("fsdp"),
+    "visual/blocks/norm1/scale": P(None, "fsdp"),
+    "visual/blocks/norm2/scale": P(None, "fsdp"),
+    "visual/blocks/attn/qkv/kernel": P(None, "fsdp", "tensor"),
+    "visual/blocks/attn/qkv/bias": P(None, "tensor"),
+    "visual/blocks/attn/out/kernel": P(None, "tensor", "fsdp"),
+    "visual/blocks/attn/out/bias": P(None, "fsdp"),
+    "visual/blocks/mlp/gate/kernel": P(None, "fsdp", "tensor"),
+    "visual/blocks/mlp/gate/bias": P(None, "tensor"),
+    "visual/blocks/mlp/up/kernel": P(None, "fsdp", "tensor"),
+    "visual/blocks/mlp/up/bias": P(None, "tensor"),
+    "visual/blocks/mlp/down/kernel": P(None, "tensor", "fsdp"),
+    "visual/blocks/mlp/down/bias": P(None, "fsdp"),
     "visual/ln_q/scale": P("fsdp"),
     "visual/merger_fc1/kernel": P("fsdp", "tensor"),
     "visual/merger_fc1/bias": P("tensor"),
@@ -83,7 +82,7 @@ def test_two_shards_onto_2x4_mesh(hf_dirs):
   reference, _ = conv.load_hf_qwen2_5_vl(str(hf_dirs / "single"))
   seen = set()
   for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    kind = re.sub(r"blocks_\d+", "blocks_0", _path(keys))
+    kind = _path(keys)
     assert kind in GOLDEN, f"{kind} has no golden PartitionSpec"
     assert x.sharding.spec == GOLDEN[kind], (_path(keys), x.sharding.spec)
     seen.add(kind)
@@ -172,3 +171,20 @@ def test_sharded_forward_matches_single_device(hf_dirs):
   want = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
   assert sharded.sharding.is_equivalent_to(want, 3), sharded.sharding
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(fwd(single)), rtol=0, atol=1e-5)
+
+
+def test_rules_come_from_the_caller_not_the_checkpoint(hf_dirs, tmp_path):
+  """The stored config carries no sharding rules; an older checkpoint's `sharding` section is ignored
+  and the parameters follow the caller's mesh and the one rules table."""
+  out = conv.convert(str(hf_dirs / "single"), str(tmp_path / "ck"))
+  path = os.path.join(out, "config.json")
+  with open(path) as f:
+    stored = json.load(f)
+  assert "sharding" not in stored
+  stored["sharding"] = {"logical_rules": [["embed", "tensor"], ["mlp", None]]}  # an older layout
+  with open(path, "w") as f:
+    json.dump(stored, f)
+  mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  _, params, _ = chat.load_vlm(out, mesh=mesh)
+  up = params["layers"]["stack"]["mlp"]["up"]["kernel"]
+  assert up.sharding.spec == GOLDEN["layers/stack/mlp/up/kernel"] == P(None, "fsdp", "tensor")

@@ -3,7 +3,8 @@
 Reads config.json and the (sharded) safetensors tensor by tensor: every parameter is built with
 `jax.make_array_from_callback` straight into its target sharding, each device reading only its slice of
 the memory-mapped file, so no host holds the whole model. The decoder layers are written stacked
-(`layers/stack/...` [L, ...]): each stacked parameter reads its slice of every layer's tensor lazily.
+(`layers/stack/...` [L, ...]) and so are the vision blocks (`visual/blocks/...` [depth, ...]): each
+stacked parameter reads its slice of every layer's tensor lazily.
 Every key of the file is consumed or the
 import fails; shapes are checked against the model config with messages naming key and shapes.
 
@@ -103,7 +104,8 @@ def normalise_key(key: str) -> str:
 
 
 _LM_LAYER = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",
-             "attn/q": "self_attn.q_proj", "attn/k": "self_attn.k_proj", "attn/v": "self_attn.v_proj", "attn/out": "self_attn.o_proj",
+             "attn/q": "self_attn.q_proj", "attn/k": "self_attn.k_proj", "attn/v": "self_attn.v_proj",
+             "attn/out": "self_attn.o_proj",
              "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj", "mlp/down": "mlp.down_proj"}
 _VIS_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn/qkv": "attn.qkv", "attn/out": "attn.proj",
               "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj", "mlp/down": "mlp.down_proj"}
@@ -111,8 +113,8 @@ _LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "we
 
 
 def is_stacked(path: tuple[str, ...]) -> bool:
-  """Is this parameter one of the decoder layers stacked on a leading layer axis?"""
-  return path[:2] == ("layers", "stack")
+  """Is this parameter stacked on a leading layer axis (decoder layers, vision blocks)?"""
+  return path[:2] in (("layers", "stack"), ("visual", "blocks"))
 
 
 def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
@@ -125,7 +127,7 @@ def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
     return "model.norm.weight"
   if mods[0] == "lm_head":
     return "lm_head.weight"
-  if is_stacked(path):
+  if mods[0] == "layers":
     return f"model.layers.{layer}.{_LM_LAYER['/'.join(mods[2:])]}.{suffix}"
   if mods[0] == "visual":
     if mods[1] == "patch_embed":
@@ -134,8 +136,7 @@ def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
       return "visual.merger.ln_q.weight"
     if mods[1].startswith("merger_fc"):
       return f"visual.merger.mlp.{0 if mods[1] == 'merger_fc1' else 2}.{suffix}"
-    block = int(mods[1].split("_")[1])
-    return f"visual.blocks.{block}.{_VIS_BLOCK['/'.join(mods[2:])]}.{suffix}"
+    return f"visual.blocks.{layer}.{_VIS_BLOCK['/'.join(mods[2:])]}.{suffix}"
   raise KeyError(f"no Hugging Face name for parameter {'/'.join(path)}")
 
 

@@ -20,7 +20,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from starflow2_jax import parallel

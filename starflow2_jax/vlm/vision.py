@@ -8,6 +8,9 @@ Hugging Face permutes the patches into window order before the blocks and back a
 port keeps the natural order and expresses windows as segment masks instead, which is the same
 computation (windows are unions of whole merge blocks, and attention is permutation-equivariant once
 positions travel with the tokens).
+
+The blocks are stored stacked (`visual/blocks/...` [depth, ...], logical axis `layers`) and applied with
+a scan; each block picks its full or window mask from a per-block flag.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from starflow2_jax.nn import layers
-from starflow2_jax.nn.attention import TransformerConfig, TransformerLayer
+from starflow2_jax.nn.attention import LAYERS_AXIS, TransformerConfig, TransformerLayer
 from starflow2_jax.nn.rope import starflow_2d
 
 # Qwen2-VL image processor constants (OpenAI CLIP normalisation; pixel budget of the HF processor).
@@ -99,6 +102,15 @@ def layout(grids: Sequence[tuple[int, int, int]], cfg: VisionConfig):
           np.concatenate(window).astype(np.int32))
 
 
+class _VisionBlock(TransformerLayer):
+  """One scan step: x [1, N, d] through a block with the full mask when `is_full`, else the window
+  mask (both [1, 1, N, N] bool)."""
+
+  def __call__(self, x, is_full, full_mask, window_mask, angles):
+    x, _ = super().__call__(x, mask=jnp.where(is_full, full_mask, window_mask), angles=angles)
+    return x, None
+
+
 class VisionTower(nn.Module):
   """patches [N, C*T*P*P] + static grids -> merged image tokens [N / merge_unit, out_hidden_size]."""
   cfg: VisionConfig
@@ -117,9 +129,11 @@ class VisionTower(nn.Module):
     angles = starflow_2d(cfg.head_dim, cfg.rope_theta, layout="half").angles(jnp.asarray(pos)[None])
     full_mask = jnp.asarray(frame[:, None] == frame[None, :])[None, None]
     window_mask = jnp.asarray(window[:, None] == window[None, :])[None, None]
-    for b in range(cfg.depth):
-      mask = full_mask if b in cfg.fullatt_block_indexes else window_mask
-      x, _ = TransformerLayer(tcfg, name=f"blocks_{b}")(x, mask=mask, angles=angles)
+    is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))
+    blocks = nn.scan(_VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(0,) + (nn.broadcast,) * 3, length=cfg.depth,
+                     metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+    x, _ = blocks(tcfg, name="blocks")(x, is_full, full_mask, window_mask, angles)
     x = layers.RMSNorm(cfg.norm_eps, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype, name="ln_q")(x)
     x = x.reshape(n // cfg.merge_unit, cfg.merge_unit * cfg.hidden_size)
     x = dense(x.shape[-1], ("embed", "mlp"), True, "merger_fc1")(x)
