@@ -137,7 +137,7 @@ def write_samples(task: Task, params, frozen, rng, num: int, path: str, mesh: ja
 
 def _step_metrics(metrics: dict, sps: float, tokens_per_step: int, flops: float, n_devices: int,
                   peak: tuple[str, float] | None) -> dict[str, float]:
-  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  m = {k: float(v) for k, v in metrics.items()}
   m.update(steps_per_sec=sps, tokens_per_sec=sps * tokens_per_step)
   if flops > 0:  # XLA gave a FLOP count: FLOP/s and MFU (against the chip's or a measured peak)
     m["flops_per_sec"] = sps * flops * n_devices
@@ -228,6 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f"checkpoint is in {ckptr.directory}. Lower train.lr, or set train.nonfinite='skip' to skip "
             "such steps and count them")
       if step % int(config.log.every) == 0 or step == int(tc.steps):
+        metrics = jax.device_get(metrics)  # waits for the step: the window's time is then real
         dt = time.time() - t_window
         if step > int(config.log.every):  # the first window includes compilation
           t_train, steps_timed = t_train + dt, steps_timed + steps_window
