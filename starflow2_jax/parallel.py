@@ -32,6 +32,8 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from starflow2_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over these mesh axes, in this order
 
@@ -109,18 +111,18 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 def _resolve(shape: dict, n: int, what: str) -> tuple[int, ...]:
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"{what}: unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    raise UserError(f"{what}: unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   fill = [i for i, s in enumerate(sizes) if s == -1]
   if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"{what}={dict(zip(MESH_AXES, sizes))}: sizes must be positive, with at most one -1")
+    raise UserError(f"{what}={dict(zip(MESH_AXES, sizes))}: sizes must be positive, with at most one -1")
   known = math.prod(s for s in sizes if s != -1)
   if fill:
     if n % known:
-      raise ValueError(f"{what}={dict(zip(MESH_AXES, sizes))}: {n} devices are not divisible by {known}")
+      raise UserError(f"{what}={dict(zip(MESH_AXES, sizes))}: {n} devices are not divisible by {known}")
     sizes[fill[0]] = n // known
   if math.prod(sizes) != n:
-    raise ValueError(f"{what}={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+    raise UserError(f"{what}={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"found {n}; use -1 on one axis to fill")
   return tuple(sizes)
 
@@ -139,7 +141,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict | dict,
                        "mesh.dcn_shape") if dcn else (1, 1, 1)
   num_slices = math.prod(dcn_sizes)
   if len(devices) % num_slices:
-    raise ValueError(f"mesh.dcn_shape={dcn}: {len(devices)} devices do not split into {num_slices} slices")
+    raise UserError(f"mesh.dcn_shape={dcn}: {len(devices)} devices do not split into {num_slices} slices")
   ici = _resolve(dict(mesh_config["shape"]), len(devices) // num_slices, "mesh.shape")
   if num_slices > 1:
     # TPU slices are the DCN granules; elsewhere (GPU hosts) each process is one
@@ -161,7 +163,7 @@ def logical_rules(config: ml_collections.ConfigDict | None) -> tuple[tuple[str, 
   rules = []
   for pair in raw:
     if len(pair) != 2:
-      raise ValueError(f"sharding.logical_rules entry {pair!r}: expected [logical_name, mesh_axis or null]")
+      raise UserError(f"sharding.logical_rules entry {pair!r}: expected [logical_name, mesh_axis or null]")
     name, axes = pair
     if isinstance(axes, (list, tuple)):
       axes = tuple(axes)
@@ -169,7 +171,7 @@ def logical_rules(config: ml_collections.ConfigDict | None) -> tuple[tuple[str, 
     else:
       bad = [axes] if axes is not None and axes not in MESH_AXES else []
     if bad:
-      raise ValueError(f"sharding.logical_rules[{name!r}] names mesh axes {bad}; the axes are {MESH_AXES}")
+      raise UserError(f"sharding.logical_rules[{name!r}] names mesh axes {bad}; the axes are {MESH_AXES}")
     rules.append((name, axes))
   return tuple(rules)
 
@@ -238,7 +240,7 @@ def inference_mesh(fsdp: int, tensor: int) -> jax.sharding.Mesh:
   """A (data=1, fsdp, tensor) mesh over the first fsdp*tensor devices (sampling, chat)."""
   n = fsdp * tensor
   if n > jax.device_count():
-    raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} needs {n} devices, found {jax.device_count()}")
+    raise UserError(f"mesh fsdp={fsdp} x tensor={tensor} needs {n} devices, found {jax.device_count()}")
   return make_mesh({"shape": {"data": 1, "fsdp": fsdp, "tensor": tensor}}, jax.devices()[:n])
 
 
@@ -260,12 +262,12 @@ def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh, micro_batches
   and evenly over the processes."""
   shards = batch_shards(mesh)
   if global_batch % micro_batches or (global_batch // micro_batches) % shards:
-    raise ValueError(
+    raise UserError(
         f"train.batch_size={global_batch} with train.grad_accum={micro_batches}: each micro-batch "
         f"({global_batch}/{micro_batches}) must be divisible by the data axes data x fsdp = "
         f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {shards}; change train.batch_size or mesh.shape")
   if global_batch % jax.process_count():
-    raise ValueError(f"train.batch_size={global_batch} is not divisible by the {jax.process_count()} "
+    raise UserError(f"train.batch_size={global_batch} is not divisible by the {jax.process_count()} "
                      "processes")
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from starflow2_jax import ckpt, parallel
 from starflow2_jax.convert.safetensors_io import SafetensorsDir
+from starflow2_jax.errors import UserError
 from starflow2_jax.vlm import config as vlm_config
 from starflow2_jax.vlm.model import QwenConfig, abstract_params
 
@@ -45,7 +46,7 @@ def config_from_hf(hf: dict, dtype: str) -> ml_collections.ConfigDict:
   experiment config. Text fields are read from text_config when present, else from the top level."""
   archs = hf.get("architectures") or []
   if hf.get("model_type") != MODEL_TYPE or (archs and ARCHITECTURE not in archs):
-    raise ValueError(f"config.json: expected model_type {MODEL_TYPE!r} / architecture {ARCHITECTURE}, "
+    raise UserError(f"config.json: expected model_type {MODEL_TYPE!r} / architecture {ARCHITECTURE}, "
                      f"found model_type {hf.get('model_type')!r} / architectures {archs}")
   text = hf.get("text_config") or hf
 
@@ -53,17 +54,17 @@ def config_from_hf(hf: dict, dtype: str) -> ml_collections.ConfigDict:
     return text.get(key, hf.get(key, default))
 
   if get("use_sliding_window", False):
-    raise ValueError("config.json: use_sliding_window is true; sliding-window attention is not "
+    raise UserError("config.json: use_sliding_window is true; sliding-window attention is not "
                      "supported")
   if get("hidden_act", "silu") != "silu":
-    raise ValueError(f"config.json: expected hidden_act 'silu', found {get('hidden_act')!r}")
+    raise UserError(f"config.json: expected hidden_act 'silu', found {get('hidden_act')!r}")
   rope = get("rope_parameters") or {}
   rope_scaling = get("rope_scaling") or {}
   theta = rope.get("rope_theta", get("rope_theta", 1e6))
   section = rope.get("mrope_section") or rope_scaling.get("mrope_section")
   heads, hidden = get("num_attention_heads"), get("hidden_size")
   if section is None or sum(section) * 2 * heads != hidden:
-    raise ValueError(f"config.json: mrope_section must sum to head_dim/2 = {hidden // heads // 2}, "
+    raise UserError(f"config.json: mrope_section must sum to head_dim/2 = {hidden // heads // 2}, "
                      f"found {section}")
   eos = get("eos_token_id")
   model = dict(
@@ -89,7 +90,7 @@ def config_from_hf(hf: dict, dtype: str) -> ml_collections.ConfigDict:
         in_channels=v.get("in_channels", v.get("in_chans", 3)), tokens_per_second=v["tokens_per_second"],
         rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     if vision["out_hidden_size"] != hidden:
-      raise ValueError(f"config.json: vision_config.out_hidden_size must equal hidden_size {hidden}, "
+      raise UserError(f"config.json: vision_config.out_hidden_size must equal hidden_size {hidden}, "
                        f"found {vision['out_hidden_size']}")
   return vlm_config.experiment_config(model, vision)
 
@@ -164,11 +165,11 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
   float_dtypes = sorted({str(files.dtype(k)) for k in files.keys()})
   if dtype is None:
     if len(float_dtypes) != 1 or float_dtypes[0] not in DTYPES:
-      raise ValueError(f"{checkpoint}: tensors are stored as {float_dtypes}; pass dtype='bfloat16' or "
+      raise UserError(f"{checkpoint}: tensors are stored as {float_dtypes}; pass dtype='bfloat16' or "
                        "'float32' to choose the parameter dtype")
     dtype = float_dtypes[0]
   if dtype not in DTYPES:
-    raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
+    raise UserError(f"dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
   config = config_from_hf(read_hf_config(checkpoint), dtype)
   if expected is not None:
     check_same_model(expected, config, checkpoint)
@@ -176,7 +177,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
   abstract = abstract_params(cfg)
   shardings = parallel.param_shardings(abstract, mesh, rules)
   if cfg.tie_word_embeddings and "lm_head.weight" in file_keys:
-    raise ValueError(f"{checkpoint}: config.json says tie_word_embeddings=true, but the file holds "
+    raise UserError(f"{checkpoint}: config.json says tie_word_embeddings=true, but the file holds "
                      "lm_head.weight (an untied head); fix the config or the file")
   used = set()
 
@@ -187,7 +188,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
     used.add(name)
     v = _as_ours(names, files.get(file_keys[name]))
     if tuple(v.shape) != tuple(shape):
-      raise ValueError(f"{checkpoint}: tensor {name}: expected shape {tuple(shape)} (as "
+      raise UserError(f"{checkpoint}: tensor {name}: expected shape {tuple(shape)} (as "
                        f"{'/'.join(names)}), found {tuple(v.shape)} after conversion "
                        f"(stored {files.shape(file_keys[name])})")
     return v
@@ -210,7 +211,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
   params = jax.tree_util.tree_map_with_path(load, nn.unbox(abstract), shardings)
   unused = sorted(set(file_keys) - used)
   if unused:
-    raise ValueError(f"{checkpoint}: {len(unused)} tensor(s) not consumed by the import: {unused[:10]}"
+    raise UserError(f"{checkpoint}: {len(unused)} tensor(s) not consumed by the import: {unused[:10]}"
                      " (does config.json describe this file?)")
   return params, config
 
@@ -223,7 +224,7 @@ def check_same_model(expected: ml_collections.ConfigDict, found: ml_collections.
   diffs = [f"  model.{k}: expected {exp[k]!r}, found {got.get(k)!r}"
            for k in sorted(exp) if k not in skip and _norm(exp[k]) != _norm(got.get(k))]
   if diffs:
-    raise ValueError(f"{checkpoint}/config.json does not match the requested config:\n" +
+    raise UserError(f"{checkpoint}/config.json does not match the requested config:\n" +
                      "\n".join(diffs))
 
 

@@ -14,6 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from starflow2_jax.errors import UserError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -28,7 +30,7 @@ def read_header(path: str) -> tuple[dict, int]:
   with open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
-      raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+      raise UserError(f"{path} is not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", raw)
     header = json.loads(f.read(n))
   header.pop("__metadata__", None)
@@ -79,7 +81,7 @@ class SafetensorsDir:
   def dtype(self, name: str) -> np.dtype:
     code = self._entries[name][1]["dtype"]
     if code not in DTYPES:
-      raise ValueError(f"tensor {name}: unsupported safetensors dtype {code}")
+      raise UserError(f"tensor {name}: unsupported safetensors dtype {code}")
     return np.dtype(DTYPES[code])
 
   def get(self, name: str) -> np.ndarray:
@@ -87,7 +89,7 @@ class SafetensorsDir:
     begin, end = info["data_offsets"]
     dtype, shape = self.dtype(name), tuple(info["shape"])
     if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-      raise ValueError(f"tensor {name} in {path}: {end - begin} bytes do not hold {shape} {dtype}")
+      raise UserError(f"tensor {name} in {path}: {end - begin} bytes do not hold {shape} {dtype}")
     if not shape or end == begin:
       with open(path, "rb") as f:
         f.seek(start + begin)

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from starflow2_jax import ckpt
+from starflow2_jax.errors import UserError
 from starflow2_jax.flows import FlowConfig, FlowModel
 
 CHANNELS = 3  # TarFlow models RGB images
@@ -44,7 +45,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"TarFlow checkpoint {path} not found")
   sd = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(sd, Mapping):
-    raise ValueError(f"{path}: expected a state_dict (a mapping of names to tensors), found "
+    raise UserError(f"{path}: expected a state_dict (a mapping of names to tensors), found "
                      f"{type(sd).__name__}")
   return {k: v.detach().float().numpy() for k, v in sd.items()}
 
@@ -63,9 +64,9 @@ def infer_config(sd: Mapping[str, np.ndarray], image_size: int, patch_size: int)
   """The FlowConfig of a TarFlow state_dict (shapes) with the given image and patch size."""
   blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
   if not blocks or "blocks.0.proj_in.weight" not in sd:
-    raise ValueError("not a TarFlow state_dict: no 'blocks.0.proj_in.weight' key")
+    raise UserError("not a TarFlow state_dict: no 'blocks.0.proj_in.weight' key")
   if blocks != list(range(len(blocks))):
-    raise ValueError(f"TarFlow state_dict: block indices {blocks} are not 0..{len(blocks) - 1}")
+    raise UserError(f"TarFlow state_dict: block indices {blocks} are not 0..{len(blocks) - 1}")
   layers = []
   for j in blocks:
     idx = {int(m.group(1)) for k in sd if (m := re.match(rf"blocks\.{j}\.attn_blocks\.(\d+)\.", k))}
@@ -74,13 +75,13 @@ def infer_config(sd: Mapping[str, np.ndarray], image_size: int, patch_size: int)
   tokens = sd["blocks.0.pos_embed"].shape[0]
   num_classes = sd["blocks.0.class_embed"].shape[0] if "blocks.0.class_embed" in sd else 0
   if sd["blocks.0.proj_out.weight"].shape[0] != 2 * token_dim:
-    raise ValueError("volume-preserving TarFlow checkpoints (proj_out with D outputs, learned prior "
+    raise UserError("volume-preserving TarFlow checkpoints (proj_out with D outputs, learned prior "
                      "variance) are not supported: expected proj_out.weight of shape "
                      f"[{2 * token_dim}, {width}], found {list(sd['blocks.0.proj_out.weight'].shape)}")
   want_tokens, want_dim = (image_size // patch_size) ** 2, CHANNELS * patch_size ** 2
   if (tokens, token_dim) != (want_tokens, want_dim):
     p = int(round(math.sqrt(token_dim / CHANNELS)))
-    raise ValueError(
+    raise UserError(
         f"--image_size={image_size} --patch_size={patch_size} give {want_tokens} tokens of "
         f"{want_dim} channels, but the checkpoint has {tokens} tokens of {token_dim} channels "
         f"(for RGB that is --patch_size={p} --image_size={int(round(math.sqrt(tokens))) * p})")
@@ -114,7 +115,7 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], image_size: int = 256,
     if mask is not None:
       used.add(f"{b}.attn_mask")
       if not np.array_equal(mask != 0, np.tril(np.ones((cfg.num_tokens,) * 2, bool))):
-        raise ValueError(f"{b}.attn_mask is not the lower-triangular causal mask")
+        raise UserError(f"{b}.attn_mask is not the lower-triangular causal mask")
     blk = {"proj_in": _linear(sd, used, f"{b}.proj_in"), "proj_out": _linear(sd, used, f"{b}.proj_out"),
            "pos_embed": sd[f"{b}.pos_embed"]}
     used.add(f"{b}.pos_embed")
@@ -138,12 +139,12 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], image_size: int = 256,
   if "var" in sd:
     used.add("var")
     if sd["var"].shape != (cfg.num_tokens, cfg.token_dim) or not np.all(sd["var"] == 1.0):
-      raise ValueError(f"'var' must be all ones of shape [{cfg.num_tokens}, {cfg.token_dim}] for an "
+      raise UserError(f"'var' must be all ones of shape [{cfg.num_tokens}, {cfg.token_dim}] for an "
                        f"nvp TarFlow; found shape {list(sd['var'].shape)} with values in "
                        f"[{sd['var'].min():.4g}, {sd['var'].max():.4g}]")
   unused = sorted(set(sd) - used)
   if unused:
-    raise ValueError(f"TarFlow state_dict has keys the importer does not know: {unused[:20]}")
+    raise UserError(f"TarFlow state_dict has keys the importer does not know: {unused[:20]}")
   variables = {"params": jax.tree.map(lambda a: np.asarray(a, np.float32), params)}
   model = FlowModel(cfg)
   tokens = jax.ShapeDtypeStruct((1, cfg.num_tokens, cfg.token_dim), np.float32)
@@ -168,7 +169,7 @@ def convert(checkpoint: str, out: str, *, image_size: int = 256, patch_size: int
     diffs = [f"  model.{k}: expected {want[k]!r}, found {found[k]!r}"
              for k in _SHAPE_FIELDS if want[k] != found[k]]
     if diffs:
-      raise ValueError(f"{checkpoint} does not match --config:\n" + "\n".join(diffs))
+      raise UserError(f"{checkpoint} does not match --config:\n" + "\n".join(diffs))
     config = expected
   return ckpt.save_params(out, variables, config,
                           {"source": "tarflow_torch", "checkpoint": os.path.abspath(checkpoint)})

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from starflow2_jax import ckpt, images
+from starflow2_jax.errors import UserError
 from starflow2_jax.flows.config import FlowConfig
 from starflow2_jax.flows.guidance import Guidance
 from starflow2_jax.flows.model import FlowModel
@@ -51,10 +52,10 @@ def _labels(cfg: FlowConfig, labels: Sequence[int] | None, num: int):
   if not labels:
     return jnp.full((num,), -1, jnp.int32) if cfg.num_classes else None
   if not cfg.num_classes:
-    raise ValueError("--labels given, but this model is unconditional (model.num_classes = 0)")
+    raise UserError("--labels given, but this model is unconditional (model.num_classes = 0)")
   bad = [l for l in labels if not -1 <= l < cfg.num_classes]
   if bad:
-    raise ValueError(f"labels must be in [-1, {cfg.num_classes - 1}] (-1 = unconditional), got {bad}")
+    raise UserError(f"labels must be in [-1, {cfg.num_classes - 1}] (-1 = unconditional), got {bad}")
   return jnp.asarray([labels[i % len(labels)] for i in range(num)], jnp.int32)
 
 
@@ -85,12 +86,12 @@ def sample_to_dir(checkpoint: str, out: str, *, num: int | None = None,
     z = np.load(noise_path)
     want = (num or (z.shape[0] if z.ndim == 3 else None), cfg.num_tokens, cfg.token_dim)
     if z.ndim != 3 or tuple(z.shape) != want:
-      raise ValueError(f"--noise {noise_path}: expected shape [N, T, D] = {list(want)} in the model's "
+      raise UserError(f"--noise {noise_path}: expected shape [N, T, D] = {list(want)} in the model's "
                        f"token layout, found {list(z.shape)}")
     z = jnp.asarray(z, jnp.float32)
   else:
     if not num:
-      raise ValueError("pass --num (or --noise=FILE.npy)")
+      raise UserError("pass --num (or --noise=FILE.npy)")
     z = noise(jax.random.key(seed), num, cfg.num_tokens, cfg.token_dim, temperature)
   num = z.shape[0]
   g = guidance_from_config(config.get("sample", ml_collections.ConfigDict()), cfg.parametrisation,

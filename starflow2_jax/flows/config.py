@@ -11,6 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from starflow2_jax.errors import UserError
 from starflow2_jax.flows.patchify import LAYOUTS
 from starflow2_jax.flows.permutations import RULES, block_permutations
 from starflow2_jax.nn.attention import REMAT_POLICIES
@@ -29,7 +30,7 @@ def _dtype(name: str):
   try:
     return jnp.dtype(name)
   except TypeError as e:
-    raise ValueError(f"unknown dtype {name!r}: use float32, bfloat16 or float64") from e
+    raise UserError(f"unknown dtype {name!r}: use float32, bfloat16 or float64") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ class FlowConfig:
   def __post_init__(self):
     def check(field, value, allowed):
       if value not in allowed:
-        raise ValueError(f"model.{field} must be one of {tuple(allowed)}, got {value!r}")
+        raise UserError(f"model.{field} must be one of {tuple(allowed)}, got {value!r}")
     check("layout", self.layout, LAYOUTS)
     check("parametrisation", self.parametrisation, PARAMETRISATIONS)
     check("conditioning", self.conditioning, CONDITIONING)
@@ -80,17 +81,17 @@ class FlowConfig:
     check("remat", self.remat, REMAT_POLICIES)
     h, w = self.image_size
     if h % self.patch_size or w % self.patch_size:
-      raise ValueError(f"model.image_size {h}x{w} is not divisible by model.patch_size "
+      raise UserError(f"model.image_size {h}x{w} is not divisible by model.patch_size "
                        f"{self.patch_size}")
     if self.width % self.head_dim:
-      raise ValueError(f"model.width {self.width} is not divisible by model.head_dim {self.head_dim}")
+      raise UserError(f"model.width {self.width} is not divisible by model.head_dim {self.head_dim}")
     if not self.layers_per_block or min(self.layers_per_block) < 1:
-      raise ValueError(f"model.layers_per_block must be a non-empty list of positive ints, got "
+      raise UserError(f"model.layers_per_block must be a non-empty list of positive ints, got "
                        f"{self.layers_per_block}")
     if self.context_dim and self.parametrisation != "starflow":
-      raise ValueError("model.context_dim (a causal text prefix) needs parametrisation='starflow'")
+      raise UserError("model.context_dim (a causal text prefix) needs parametrisation='starflow'")
     if not 0.0 <= self.label_drop < 1.0:
-      raise ValueError(f"model.label_drop must be in [0, 1), got {self.label_drop}")
+      raise UserError(f"model.label_drop must be in [0, 1), got {self.label_drop}")
     _dtype(self.dtype), _dtype(self.param_dtype)
 
   @classmethod
@@ -100,7 +101,7 @@ class FlowConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-      raise ValueError(f"unknown model config field(s) {unknown}; known fields: {sorted(names)}")
+      raise UserError(f"unknown model config field(s) {unknown}; known fields: {sorted(names)}")
     size = d.get("image_size", cls.image_size)
     d["image_size"] = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
     if "layers_per_block" in d:
@@ -155,7 +156,7 @@ class FlowConfig:
     """Raise a ValueError naming the config fields unless images is [B, H, W, C] of this model."""
     if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
       h, w, c = self.image_shape
-      raise ValueError(
+      raise UserError(
           f"images: expected shape [B, {h}, {w}, {c}] (model.image_size={list(self.image_size)}, "
           f"model.channels={c}), got {list(images.shape)}")
 

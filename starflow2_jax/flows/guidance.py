@@ -15,6 +15,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from starflow2_jax.errors import UserError
 from starflow2_jax.flows.block import Affine
 
 RULES = ("gaussian", "linear")
@@ -30,11 +31,11 @@ class Guidance:
 
   def __post_init__(self):
     if self.rule not in RULES:
-      raise ValueError(f"guidance rule must be one of {RULES}, got {self.rule!r}")
+      raise UserError(f"guidance rule must be one of {RULES}, got {self.rule!r}")
     if self.guide_what not in ("a", "b", "ab"):
-      raise ValueError(f"guide_what must be 'a', 'b' or 'ab', got {self.guide_what!r}")
+      raise UserError(f"guide_what must be 'a', 'b' or 'ab', got {self.guide_what!r}")
     if self.attn_temp <= 0:
-      raise ValueError(f"attn_temp must be positive, got {self.attn_temp}")
+      raise UserError(f"attn_temp must be positive, got {self.attn_temp}")
 
   @property
   def active(self) -> bool:

@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from starflow2_jax.errors import UserError
 from starflow2_jax.flows.block import Affine, init_block_cache
 from starflow2_jax.flows.guidance import Guidance
 from starflow2_jax.flows.likelihood import log_prob
@@ -38,10 +39,10 @@ class Jacobi:
 
   def __post_init__(self):
     if self.block_size < 2:
-      raise ValueError(f"jacobi.block_size must be >= 2 (1 is sequential sampling), got "
+      raise UserError(f"jacobi.block_size must be >= 2 (1 is sequential sampling), got "
                        f"{self.block_size}")
     if self.max_iter < 1:
-      raise ValueError(f"jacobi.max_iter must be >= 1, got {self.max_iter}")
+      raise UserError(f"jacobi.max_iter must be >= 1, got {self.max_iter}")
 
 
 def noise(key: jax.Array, num: int, num_tokens: int, token_dim: int, temperature: float = 1.0,
@@ -133,7 +134,7 @@ def _invert_jacobi(inv: _BlockInverter, zp, jac: Jacobi):
   b, t, d = zp.shape
   bs = jac.block_size
   if t % bs:
-    raise ValueError(f"jacobi.block_size {bs} must divide the number of tokens {t}")
+    raise UserError(f"jacobi.block_size {bs} must divide the number of tokens {t}")
   cache, theta0 = inv.start(inv.init_cache())
 
   def chunk(carry, c):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from starflow2_jax import ckpt
+from starflow2_jax.errors import UserError
 from starflow2_jax.parallel import (DEFAULT_LOGICAL_RULES, inference_mesh, param_shardings,
                                     sharding_context)
 from starflow2_jax.vlm import tokenizer as tok_lib
@@ -37,10 +38,10 @@ def load_vlm(checkpoint: str, dtype: str | None = None, mesh: jax.sharding.Mesh 
   config = ckpt.load_config(checkpoint)
   kind = config.get("model_kind")
   if kind != MODEL_KIND:
-    raise ValueError(f"{checkpoint}: expected a {MODEL_KIND!r} checkpoint, found model_kind {kind!r}")
+    raise UserError(f"{checkpoint}: expected a {MODEL_KIND!r} checkpoint, found model_kind {kind!r}")
   cfg = QwenConfig.from_config(config.model)
   if dtype is not None and dtype != cfg.param_dtype:
-    raise ValueError(f"{checkpoint} stores {cfg.param_dtype} parameters, but {dtype} was requested: "
+    raise UserError(f"{checkpoint} stores {cfg.param_dtype} parameters, but {dtype} was requested: "
                      f"re-import with `launch.convert --dtype={dtype}`")
   abstract = abstract_params(cfg)
   shardings = param_shardings(abstract, mesh, rules)
@@ -53,12 +54,12 @@ def build_prompt(tokenizer, config, prompt: str, images: Sequence, system: str |
   cfg = QwenConfig.from_config(config.model)
   image_id = tok_lib.special_id(tokenizer, tok_lib.IMAGE_PAD)
   if image_id != config.model.image_token_id:
-    raise ValueError(f"tokenizer and checkpoint disagree: the tokenizer's {tok_lib.IMAGE_PAD} is "
+    raise UserError(f"tokenizer and checkpoint disagree: the tokenizer's {tok_lib.IMAGE_PAD} is "
                      f"{image_id}, the checkpoint's image_token_id is {config.model.image_token_id}")
   patches, grids = [], []
   for image in images:
     if cfg.vision is None:
-      raise ValueError("images were given, but this checkpoint has no vision tower")
+      raise UserError("images were given, but this checkpoint has no vision tower")
     p, g = preprocess_image(image, cfg.vision)
     patches.append(p)
     grids.append(g)
@@ -105,11 +106,11 @@ def _answer(model, params, config, tk, prompt, images, max_new_tokens, max_len, 
   ids, patches, grids, llm_grids = build_prompt(tk, config, prompt, images, system)
   limit = max_len or cfg.max_position_embeddings
   if len(ids) + max_new_tokens > limit:
-    raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} = "
+    raise UserError(f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} = "
                      f"{len(ids) + max_new_tokens} exceeds the maximum length {limit}: shorten the "
                      "prompt, use fewer or smaller images, or lower --max_new_tokens")
   if ids.max() >= cfg.vocab_size:
-    raise ValueError(f"the tokenizer produced id {ids.max()}, but the model has only {cfg.vocab_size} "
+    raise UserError(f"the tokenizer produced id {ids.max()}, but the model has only {cfg.vocab_size} "
                      "embedding rows: this tokenizer does not belong to this checkpoint")
   positions, next_pos = mrope_positions(ids[None], None, llm_grids, config.model.image_token_id,
                                         config.model.get("image_positions", "mrope"))

@@ -13,6 +13,8 @@ import importlib.resources
 import os
 from typing import Sequence
 
+from starflow2_jax.errors import UserError
+
 QWEN_NAME = "qwen2.5"
 # The Qwen2 pre-tokeniser regex (note the single-digit \p{N}, unlike cl100k's \p{N}{1,3}).
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -52,7 +54,7 @@ def _read_ranks(path: str) -> dict[bytes, int]:
         tok, rank = line.split()
         ranks[base64.b64decode(tok)] = int(rank)
   if len(ranks) != QWEN_NUM_RANKS or sorted(ranks.values()) != list(range(QWEN_NUM_RANKS)):
-    raise ValueError(f"{path}: expected ranks 0..{QWEN_NUM_RANKS - 1}, found {len(ranks)} entries")
+    raise UserError(f"{path}: expected ranks 0..{QWEN_NUM_RANKS - 1}, found {len(ranks)} entries")
   return ranks
 
 
@@ -145,7 +147,7 @@ def load_tokenizer(spec: str, cache_dir: str | None = None):
 def special_id(tokenizer, token: str) -> int:
   i = tokenizer.token_to_id(token)
   if i is None:
-    raise ValueError(f"the tokenizer has no {token} token: it is not a Qwen-style chat tokenizer")
+    raise UserError(f"the tokenizer has no {token} token: it is not a Qwen-style chat tokenizer")
   return i
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from starflow2_jax.errors import UserError
 from starflow2_jax.nn import layers
 from starflow2_jax.nn.attention import LAYERS_AXIS, TransformerConfig, TransformerLayer
 from starflow2_jax.nn.rope import starflow_2d
@@ -145,7 +146,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int = MIN_PIX
                  max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
   """Qwen2-VL's resize rule: both sides multiples of `factor`, area within [min, max] pixels."""
   if max(height, width) / min(height, width) > 200:
-    raise ValueError(f"image aspect ratio must be below 200, got {height}x{width}")
+    raise UserError(f"image aspect ratio must be below 200, got {height}x{width}")
   h = max(factor, round(height / factor) * factor)
   w = max(factor, round(width / factor) * factor)
   if h * w > max_pixels:
@@ -167,7 +168,7 @@ def patchify(image: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, tuple[in
   p, m, tp = cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size
   hh, ww, c = image.shape
   if hh % (p * m) or ww % (p * m) or c != cfg.in_channels:
-    raise ValueError(f"image: expected [H, W, {cfg.in_channels}] with H, W multiples of {p * m}, "
+    raise UserError(f"image: expected [H, W, {cfg.in_channels}] with H, W multiples of {p * m}, "
                      f"got {image.shape}")
   gh, gw = hh // p, ww // p
   x = np.broadcast_to(image.transpose(2, 0, 1)[None], (tp, c, hh, ww))  # [T, C, H, W]
