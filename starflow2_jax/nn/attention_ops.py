@@ -15,13 +15,16 @@ Implementations (`TransformerConfig.attention_impl`):
   cudnn     `jax.nn.dot_product_attention(implementation="cudnn")`: GPU, bfloat16/float16 inputs.
   cpu       heads-leading batched matmuls ([B, Hkv, G T, Dh] rows, the G query heads of a kv head
             stacked), the softmax normalisation applied after the value product, in batch chunks
-            whose [c, Hkv, G T, S] logit block stays in cache (`CPU_CHUNK_BYTES`). Plain JAX, so
-            every transformation (jit, vmap, grad of grad, jvp / jacfwd) applies.
+            whose [c, Hkv, G T, S] logit block stays in cache (`CPU_CHUNK_BYTES`), recomputed in the
+            backward pass (`jax.checkpoint` per chunk). Plain JAX, so every transformation (jit,
+            vmap, grad of grad, jvp / jacfwd) applies.
   pallas_tpu  the Pallas TPU flash-attention kernel, the mask as an additive bias (TPU only);
   pallas_tpu_interpret  the same kernel run by the Pallas TPU interpreter (any platform; slow: tests).
   None / "auto": cpu on CPU; on GPU cudnn where `cudnn_supports` allows, else xla; xla on TPU.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -153,10 +156,13 @@ def _batch_chunk(b: int, row_bytes: int) -> int:
   return max(c for c in range(1, b + 1) if b % c == 0 and c <= fit)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4,))
 def _attention_rows(qh, kh, vh, mask, scale: float):
   """qh [b, Hkv, R, Dh], kh/vh [b, Hkv, S, Dh], mask broadcastable to [b, Hkv, R, S] or None ->
   [b, Hkv, R, Dh]. exp(logits - max) multiplies v unnormalised; the [R, Dh] product is divided by
-  the row sums (R Dh divisions instead of R S)."""
+  the row sums (R Dh divisions instead of R S). Recomputed in the backward pass (flash-style): only
+  the chunk's inputs are saved, so its [b, Hkv, R, S] blocks are made and used while in cache
+  (measured 1.25x faster forward+backward than saving them, see launch/benchmark.py --parts=attention)."""
   acc = jnp.promote_types(qh.dtype, jnp.float32)
   logits = jnp.einsum("bhrd,bhsd->bhrs", qh, kh, preferred_element_type=acc) * scale
   if mask is not None:
