@@ -121,6 +121,11 @@ def test_per_row_scales(impl):
         np.asarray(q, np.float64), np.asarray(k, np.float64), np.asarray(v, np.float64), causal(8),
         sc)))(np.asarray(scale, np.float64))
   np.testing.assert_allclose(jax.grad(f)(scale), want, rtol=1e-4)
+  # a traced scalar scale equals the float
+  np.testing.assert_allclose(jax.jit(lambda sc: attention_ops.dot_product_attention(
+      q, k, v, mask=causal(8), scale=sc, implementation=impl))(jnp.float32(0.3)),
+      attention_ops.dot_product_attention(q, k, v, mask=causal(8), scale=0.3, implementation=impl),
+      atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -227,7 +232,7 @@ def test_user_errors():
     call(mask=jnp.ones((3, 1, 8, 8), bool))
   with pytest.raises(UserError, match="must be bool"):
     call(mask=jnp.ones((8, 8)))
-  with pytest.raises(UserError, match="scale must be a float or an array"):
+  with pytest.raises(UserError, match="scale must be a float, a scalar array or an array"):
     call(scale=jnp.ones((3,)))
   with pytest.raises(UserError, match="multiple of the 3 kv heads"):
     attention_ops.dot_product_attention(q, k[:, :, :3], v[:, :, :3])

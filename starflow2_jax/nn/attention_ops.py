@@ -5,10 +5,11 @@
 q [B, T, H, Dh]; k, v [B, S, Hkv, Dh] with H a multiple of Hkv (grouped-query attention: query head h
 reads kv head h // (H / Hkv), the convention of `jax.nn.dot_product_attention`); mask bool,
 broadcastable to [B, H, T, S], True = the query may attend to the key; scale a Python float (default
-Dh^-0.5) or an array [B] (a per-row logit scale, e.g. a guidance temperature). Logits, the softmax
-maximum and its normaliser are float32 (float64 for float64 inputs) whatever the input dtype. A row
-whose keys are all masked attends uniformly to all S keys (its output is the mean of v) and no
-gradient flows through its logits: what the XLA path of `jax.nn.dot_product_attention` gives.
+Dh^-0.5), a scalar array, or an array [B] (a per-row logit scale, e.g. a guidance temperature).
+Logits, the softmax maximum and its normaliser are float32 (float64 for float64 inputs) whatever the
+input dtype. A row whose keys are all masked attends uniformly to all S keys (its output is the mean
+of v) and no gradient flows through its logits: what the XLA path of `jax.nn.dot_product_attention`
+gives.
 
 Implementations (`TransformerConfig.attention_impl`):
   xla       `jax.nn.dot_product_attention(implementation="xla")`.
@@ -49,8 +50,8 @@ def dot_product_attention(q, k, v, *, mask=None, scale=None, implementation: str
   impl = resolve_implementation(implementation, q)
   if scale is None:
     scale = q.shape[-1] ** -0.5
-  if not isinstance(scale, (int, float)):  # per-row scales: fold them into the queries
-    q = q * jnp.asarray(scale, q.dtype)[:, None, None, None]
+  if not isinstance(scale, (int, float)):  # array scales (per row, or traced): fold into the queries
+    q = q * jnp.asarray(scale, q.dtype).reshape(-1, 1, 1, 1)
     scale = 1.0
   if mask is not None:
     mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
@@ -106,9 +107,9 @@ def _check_inputs(q, k, v, mask, scale) -> None:
     if any(m not in (1, n) for m, n in zip(padded, (b, h, t, s))):
       raise UserError(f"attention: mask {list(mask.shape)} does not broadcast to [B, H, T, S] = "
                       f"{[b, h, t, s]}")
-  if scale is not None and not isinstance(scale, (int, float)) and jnp.shape(scale) != (b,):
-    raise UserError(f"attention: scale must be a float or an array [B] = [{b}], found shape "
-                    f"{list(jnp.shape(scale))}")
+  if scale is not None and not isinstance(scale, (int, float)) and jnp.shape(scale) not in ((), (b,)):
+    raise UserError(f"attention: scale must be a float, a scalar array or an array [B] = [{b}], "
+                    f"found shape {list(jnp.shape(scale))}")
 
 
 def masked_logit(dtype) -> float:
