@@ -23,7 +23,7 @@ Parts (each prints a table of median times over --repeats timed calls, after com
             fixed batch), 4 samples and 4 guided samples of Apple's PyTorch TarFlow
             (`transformer_flow.py` imported from --reference_tarflow, a local clone of
             apple/ml-tarflow; never part of this project) against this project on the same model:
-            the torch model's weights (proj_out ~ N(0, --head_std^2)) converted with
+            the torch model's weights (proj_out ~ N(0, (--ref_head_std / width)^2)) converted with
             `convert.tarflow_torch`, --ref_image_size images of --ref_patch patches, --width wide,
             --ref_blocks blocks of --ref_layers layers, 10 classes, batch --ref_batch. Torch runs
             with as many threads as XLA's CPU pool (the CPUs this process may use). Rows are
@@ -38,6 +38,7 @@ on the default device (jax.devices()[0]) of whatever backend JAX picks: CPU, GPU
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -88,6 +89,8 @@ _REF_LAYERS = flags.DEFINE_integer("ref_layers", 2, "layers per block of the ref
 _REF_BATCH = flags.DEFINE_integer("ref_batch", 16, "train-step batch of the reference comparison")
 _REF_SAMPLES = flags.DEFINE_integer("ref_samples", 4, "images per sampling call (reference part)")
 _GUIDANCE = flags.DEFINE_float("guidance", 1.0, "guidance weight of the guided samples (reference)")
+_REF_HEAD_STD = flags.DEFINE_float("ref_head_std", 0.5, "reference part: proj_out kernels ~ N(0, "
+                                   "(ref_head_std / width)^2), a finite flow at any width")
 _REF_BEFORE = flags.DEFINE_bool("ref_before", False, "reference part: also time this project with "
                                 "attention_impl=xla (the attention kernel before attention_ops)")
 _OUT = flags.DEFINE_string("out", None, "write the figures as JSON to this new file")
@@ -132,6 +135,7 @@ class Settings:
   ref_samples: int = 4
   guidance: float = 1.0
   ref_before: bool = False
+  ref_head_std: float = 0.5
   seed: int = 0
 
   def __post_init__(self):
@@ -530,7 +534,7 @@ def bench_reference(s: Settings) -> dict:
                  num_classes=REF_CLASSES)
   with torch.no_grad():  # a non-trivial flow: proj_out starts at zero in both projects
     for block in ref.blocks:
-      block.proj_out.weight.normal_(0.0, s.head_std)
+      block.proj_out.weight.normal_(0.0, s.ref_head_std / s.width)
   sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
   variables, fcfg = tarflow_torch.params_from_state_dict(sd, s.ref_image_size, s.ref_patch)
   model = flows.FlowModel(fcfg)
@@ -580,7 +584,8 @@ def bench_reference(s: Settings) -> dict:
     for name, cfg in variants.items():
       calls[(key, name)] = train(cfg) if w is None else sampler(cfg, w)
     calls[(key, "reference")] = torch_call(
-        torch_train_step(ref, x_ref, y_ref, fcfg.noise_std) if w is None else torch_sampler(w))
+        torch_train_step(copy.deepcopy(ref), x_ref, y_ref, fcfg.noise_std) if w is None
+        else torch_sampler(w))  # the train step's own copy: its updates leave the samplers' model
   t, out = time_calls(calls, s.repeats)
   rows = {"train": f"train step (batch {s.ref_batch})", "sample": f"{n} samples",
           "guided": f"{n} samples, guidance {s.guidance:g}"}
@@ -653,7 +658,7 @@ def settings_from_flags() -> Settings:
   kw = dict(parts=tuple(_PARTS.value), dtype=_DTYPE.value, seed=_SEED.value,
             jacobi_threshold=_JACOBI_THRESHOLD.value, jacobi_max_iter=_JACOBI_MAX_ITER.value,
             head_std=_HEAD_STD.value, reference_tarflow=_REFERENCE.value, guidance=_GUIDANCE.value,
-            ref_before=_REF_BEFORE.value)
+            ref_before=_REF_BEFORE.value, ref_head_std=_REF_HEAD_STD.value)
   if _QUICK.value:
     return Settings.quick(**kw)
   return Settings(width=_WIDTH.value, tokens=_TOKENS.value,

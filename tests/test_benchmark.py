@@ -101,6 +101,7 @@ def test_quick_attention_and_reference_parts(tmp_path, parse_flags, capsys):
     assert ref[key]["ours"]["median_s"] > 0 and ref[key]["reference"]["median_s"] > 0
     assert math.isfinite(ref[key]["reference_over_ours"]["of_medians"])
   # both sides run the same model: the same loss, the same samples (float32 round-off)
+  assert math.isfinite(ref["loss"]["ours"])  # a finite flow (its proj_out kernels are not zero)
   np.testing.assert_allclose(ref["loss"]["ours"], ref["loss"]["reference"], rtol=1e-5)
   assert ref["sample_difference"]["sample"]["max_abs"] < 1e-4
   assert ref["sample_difference"]["guided"]["max_abs"] < 1e-4
