@@ -1,7 +1,8 @@
 """Sampling and training-step benchmark of a STARFlow deep-shallow stack, measured in one run.
 
   python -m launch.benchmark [--width=256] [--tokens=256] [--batch=1] [--repeats=3]
-      [--parts=sampling,jacobi,flops] [--dtype=float32|bfloat16] [--out=FILE.json] [--quick]
+      [--parts=sampling,jacobi,flops,attention,reference] [--reference_tarflow=PATH]
+      [--dtype=float32|bfloat16] [--out=FILE.json] [--quick]
 
 Parts (each prints a table of median times over --repeats timed calls, after compilation):
   sampling  cached sequential sampling (`flows.reverse`, KV cache, one token per step) vs
@@ -13,6 +14,21 @@ Parts (each prints a table of median times over --repeats timed calls, after com
             square `jnp.dot` of --peak_sizes, in the trunk dtype). FLOPs: XLA's cost analysis of
             the compiled step, cross-checked against 3 x (2 x kernel params x B T + 4 x B T^2 x
             width per layer).
+  attention forward and forward+backward GFLOP/s of `nn.attention_ops.dot_product_attention`
+            per implementation usable on this platform, causal float32 [B, T, H, Dh] of
+            --attention_shapes: "xla" is the kernel before attention_ops (jax.nn's XLA path),
+            "auto" the platform's default now. FLOPs: 4 B H T S Dh forward (masked entries
+            included), 3x that forward+backward.
+  reference the train step (forward + backward + clipped AdamW, `train.step.make_train_step` on a
+            fixed batch), 4 samples and 4 guided samples of Apple's PyTorch TarFlow
+            (`transformer_flow.py` imported from --reference_tarflow, a local clone of
+            apple/ml-tarflow; never part of this project) against this project on the same model:
+            the torch model's weights (proj_out ~ N(0, (--ref_head_std / width)^2)) converted with
+            `convert.tarflow_torch`, --ref_image_size images of --ref_patch patches, --width wide,
+            --ref_blocks blocks of --ref_layers layers, 10 classes, batch --ref_batch. Torch runs
+            with as many threads as XLA's CPU pool (the CPUs this process may use). Rows are
+            interleaved; the table gives medians and reference / ours ratios, and the losses and
+            samples of both (which agree to float32 round-off).
 
 The model is the STARFlow stack of the flows API (starflow parametrisation and layout, 2-D RoPE,
 starflow2 permutations, class conditioning of the deep block) on a square grid of --tokens 2x2
@@ -22,8 +38,10 @@ on the default device (jax.devices()[0]) of whatever backend JAX picks: CPU, GPU
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -37,7 +55,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from starflow2_jax import flows
+from starflow2_jax import flows, parallel
+from starflow2_jax.convert import tarflow_torch
+from starflow2_jax.errors import UserError
+from starflow2_jax.nn import attention_ops
+from starflow2_jax.train import defaults, optimizer, state as train_state, step as train_step, tasks
 
 _WIDTH = flags.DEFINE_integer("width", 256, "transformer width of the sampling and Jacobi models")
 _TOKENS = flags.DEFINE_integer("tokens", 256, "tokens per image (a perfect square)")
@@ -45,7 +67,8 @@ _LAYERS = flags.DEFINE_list("layers", ["2", "2", "4"], "layers per flow block, d
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "attention head dimension")
 _BATCH = flags.DEFINE_integer("batch", 1, "images per sampling call")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per measurement (median reported)")
-_PARTS = flags.DEFINE_list("parts", ["sampling", "jacobi", "flops"], "parts to run")
+_PARTS = flags.DEFINE_list("parts", ["sampling", "jacobi", "flops"],
+                           "parts to run: sampling, jacobi, flops, attention, reference")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "trunk compute dtype")
 _JACOBI_BLOCK = flags.DEFINE_integer("jacobi_block", 16, "Jacobi chunk length (tokens)")
 _JACOBI_THRESHOLD = flags.DEFINE_float("jacobi_threshold", 1e-3, "Jacobi relative-change threshold")
@@ -55,12 +78,32 @@ _FLOPS_WIDTH = flags.DEFINE_integer("flops_width", 512, "width of the forward+ba
 _FLOPS_BATCH = flags.DEFINE_integer("flops_batch", 4, "images per forward+backward step")
 _PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["1024", "2048", "4096"],
                                 "M = N = K of the peak matmuls (the fastest size is the peak)")
+_ATTENTION_SHAPES = flags.DEFINE_list("attention_shapes", ["16x256x4x64", "16x256x8x64"],
+                                      "BxTxHxDh query shapes of the attention part (S = T)")
+_REFERENCE = flags.DEFINE_string("reference_tarflow", None,
+                                 "a local clone of apple/ml-tarflow (holds transformer_flow.py)")
+_REF_IMAGE = flags.DEFINE_integer("ref_image_size", 32, "image side of the reference comparison")
+_REF_PATCH = flags.DEFINE_integer("ref_patch", 2, "patch size of the reference comparison")
+_REF_BLOCKS = flags.DEFINE_integer("ref_blocks", 4, "flow blocks of the reference comparison")
+_REF_LAYERS = flags.DEFINE_integer("ref_layers", 2, "layers per block of the reference comparison")
+_REF_BATCH = flags.DEFINE_integer("ref_batch", 16, "train-step batch of the reference comparison")
+_REF_SAMPLES = flags.DEFINE_integer("ref_samples", 4, "images per sampling call (reference part)")
+_GUIDANCE = flags.DEFINE_float("guidance", 1.0, "guidance weight of the guided samples (reference)")
+_REF_HEAD_STD = flags.DEFINE_float("ref_head_std", 0.5, "reference part: proj_out kernels ~ N(0, "
+                                   "(ref_head_std / width)^2), a finite flow at any width")
+_REF_BEFORE = flags.DEFINE_bool("ref_before", False, "reference part: also time this project with "
+                                "attention_impl=xla (the attention kernel before attention_ops)")
 _OUT = flags.DEFINE_string("out", None, "write the figures as JSON to this new file")
 _QUICK = flags.DEFINE_bool("quick", False, "smoke test: width 64, 16 tokens, one 1-layer block, "
-                           "peak sizes 256 and 512, 2 repeats (overrides size and repeat flags)")
+                           "peak sizes 256 and 512, tiny attention and reference shapes, 2 repeats "
+                           "(overrides size and repeat flags)")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the parameters and the noise")
 
-PARTS = ("sampling", "jacobi", "flops")
+PARTS = ("sampling", "jacobi", "flops", "attention", "reference")
+DEFAULT_PARTS = ("sampling", "jacobi", "flops")
+REF_CLASSES = 10  # class-conditional TarFlow, as apple/ml-tarflow's ImageNet / AFHQ models
+REF_CHANNELS = 3
+REF_HEAD_DIM = 64  # transformer_flow.py's MetaBlock default (Model does not pass another)
 MIN_PEAK_CALL_S = 0.2  # chain matmuls so that one call of the peak kernel lasts about this long
 
 
@@ -73,7 +116,7 @@ class Settings:
   head_dim: int = 64
   batch: int = 1
   repeats: int = 3
-  parts: tuple[str, ...] = PARTS
+  parts: tuple[str, ...] = DEFAULT_PARTS
   dtype: str = "float32"
   jacobi_block: int = 16
   jacobi_threshold: float = 1e-3
@@ -82,22 +125,41 @@ class Settings:
   flops_width: int = 512
   flops_batch: int = 4
   peak_sizes: tuple[int, ...] = (1024, 2048, 4096)
+  attention_shapes: tuple[tuple[int, int, int, int], ...] = ((16, 256, 4, 64), (16, 256, 8, 64))
+  reference_tarflow: str | None = None
+  ref_image_size: int = 32
+  ref_patch: int = 2
+  ref_blocks: int = 4
+  ref_layers: int = 2
+  ref_batch: int = 16
+  ref_samples: int = 4
+  guidance: float = 1.0
+  ref_before: bool = False
+  ref_head_std: float = 0.5
   seed: int = 0
 
   def __post_init__(self):
     unknown = sorted(set(self.parts) - set(PARTS))
     if unknown:
-      raise ValueError(f"--parts: unknown part(s) {unknown}; known: {list(PARTS)}")
+      raise UserError(f"--parts: unknown part(s) {unknown}; known: {list(PARTS)}")
     if math.isqrt(self.tokens) ** 2 != self.tokens:
-      raise ValueError(f"--tokens must be a perfect square (a square grid), got {self.tokens}")
+      raise UserError(f"--tokens must be a perfect square (a square grid), got {self.tokens}")
     if self.repeats < 1:
-      raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+      raise UserError(f"--repeats must be >= 1, got {self.repeats}")
+    if "reference" in self.parts and not self.reference_tarflow:
+      raise UserError("--parts=reference needs --reference_tarflow=PATH, a local clone of "
+                      "apple/ml-tarflow (the directory holding transformer_flow.py)")
+    if "reference" in self.parts and self.width % REF_HEAD_DIM:
+      raise UserError(f"--width must be a multiple of {REF_HEAD_DIM} for the reference part "
+                      f"(TarFlow's head size), got {self.width}")
 
   @classmethod
   def quick(cls, **kw) -> "Settings":
     """Tiny sizes for a smoke test (tests/test_benchmark.py); `kw` overrides any field."""
     base = dict(width=64, tokens=16, layers=(1,), head_dim=32, batch=1, repeats=2, jacobi_block=4,
-                flops_width=64, flops_batch=2, peak_sizes=(256, 512))
+                flops_width=64, flops_batch=2, peak_sizes=(256, 512),
+                attention_shapes=((2, 16, 2, 32),), ref_image_size=8, ref_blocks=2, ref_layers=1,
+                ref_batch=2, ref_samples=2)
     base.update(kw)
     return cls(**base)
 
@@ -346,6 +408,215 @@ def bench_flops(s: Settings) -> dict:
                          "fraction_per_round": per_round}}
 
 
+# -- attention -------------------------------------------------------------------------------------
+def attention_impls() -> tuple[str, ...]:
+  """The implementations to time on this platform: "xla" (before attention_ops), the platform's
+  own kernels, and "auto" (the default now)."""
+  own = {"cpu": ("cpu",), "gpu": ("cudnn",), "tpu": ("pallas_tpu",)}.get(jax.default_backend(), ())
+  return ("xla", *own, "auto")
+
+
+def bench_attention(s: Settings) -> dict:
+  """Forward and forward+backward GFLOP/s of causal attention per implementation and shape."""
+  print(f"\n[attention] causal float32 self-attention, forward and forward+backward (vjp of all of "
+        f"q, k, v); FLOPs 4 B H T S Dh forward, x3 forward+backward")
+  figures = {}
+  for shape in s.attention_shapes:
+    b, t, h, d = shape
+    keys = jax.random.split(jax.random.key(s.seed), 4)
+    q, k, v, cot = (jax.random.normal(key, shape, jnp.float32) for key in keys)
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    flops = 4.0 * b * h * t * t * d
+    calls = {}
+    for impl in attention_impls():
+      fwd = functools.partial(attention_ops.dot_product_attention, mask=mask, implementation=impl)
+      calls[(impl, "fwd")] = compile_call(fwd, q, k, v)
+      calls[(impl, "fwd+bwd")] = compile_call(lambda q, k, v, c, fwd=fwd: jax.vjp(fwd, q, k, v)[1](c),
+                                              q, k, v, cot)
+    t_all, _ = time_calls(calls, s.repeats)
+    print(f"  [B, T, H, Dh] = {list(shape)}")
+    rows = {}
+    for impl in attention_impls():
+      tf, tb = t_all[(impl, "fwd")], t_all[(impl, "fwd+bwd")]
+      rows[impl] = {"fwd": tf.to_json(), "fwd_gflop_per_s": flops / tf.median / 1e9,
+                    "fwd_bwd": tb.to_json(), "fwd_bwd_gflop_per_s": 3 * flops / tb.median / 1e9}
+      name = impl + (f" (= {attention_ops.resolve_implementation(None, q)})" if impl == "auto" else "")
+      print(f"    {name:<12s} forward {tf.median * 1e3:8.2f} ms {rows[impl]['fwd_gflop_per_s']:7.1f} "
+            f"GFLOP/s   forward+backward {tb.median * 1e3:8.2f} ms "
+            f"{rows[impl]['fwd_bwd_gflop_per_s']:7.1f} GFLOP/s")
+    for kind in ("fwd", "fwd+bwd"):
+      r = ratios(t_all[("xla", kind)], t_all[("auto", kind)])
+      print(f"    {kind}: xla / auto = {ratio_text(r)}")
+    figures["x".join(map(str, shape))] = rows
+  return figures
+
+
+# -- reference: apple/ml-tarflow side by side --------------------------------------------------------
+def load_reference(path: str):
+  """Import `transformer_flow.py` of a local apple/ml-tarflow clone at `path` (at run time only)."""
+  file = os.path.join(os.path.abspath(os.path.expanduser(path)), "transformer_flow.py")
+  if not os.path.isfile(file):
+    raise UserError(f"--reference_tarflow={path}: no transformer_flow.py there; pass the directory "
+                    "of a local clone of https://github.com/apple/ml-tarflow")
+  try:
+    import torch  # noqa: F401  (the reference's only dependency)
+  except ImportError as e:
+    raise UserError("--parts=reference needs torch: pip install -e '.[convert]'") from e
+  spec = importlib.util.spec_from_file_location("ml_tarflow_transformer_flow", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def cpu_threads() -> int:
+  """The CPUs this process may use: the size of XLA's CPU thread pool."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def jax_train_step(fcfg, params, images, labels):
+  """This project's train step (`train.step.make_train_step`, the task's loss, the AdamW optimizer of
+  `train.optimizer`, default train settings) on one device, from `params`, on the fixed batch
+  (uint8 images [B, H, W, C], labels [B]). -> a no-argument function taking one step."""
+  config = defaults.base_config()
+  config.model = fcfg.to_dict()
+  config.data.image_size, config.data.channels = fcfg.image_size[0], fcfg.channels
+  config.train.batch_size = images.shape[0]
+  mesh = parallel.make_mesh({"shape": {"data": 1, "fsdp": 1, "tensor": 1}}, jax.devices()[:1])
+  rules = parallel.logical_rules(config)
+  task = tasks.build_task(config, mesh, rules)
+  tx = optimizer.make_optimizer(config.train)
+  state, state_sh = train_state.init_sharded(task.init_fn, tx, jax.random.key(0), mesh, rules, False)
+  state = state.replace(params=jax.device_put(params, state_sh.params))
+  step = train_step.make_train_step(task.loss_fn, tx, optimizer.learning_rate_schedule(config.train),
+                                    config.train, mesh, rules, state_sh, task.frozen_shardings)
+  batch = {"image": jax.device_put(images, parallel.batch_sharding(mesh, images.ndim)),
+           "label": jax.device_put(labels, parallel.batch_sharding(mesh))}
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], task.frozen, batch, jax.random.key(1))
+    return metrics
+
+  return run
+
+
+def torch_train_step(model, images, labels, noise_std: float):
+  """The reference's train step on the fixed batch: Gaussian dequantisation, forward, TarFlow's
+  loss, backward, global-norm clipping and AdamW with this project's default settings."""
+  import torch
+  tc = defaults.train_defaults()
+  opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.b1, tc.b2), eps=tc.eps,
+                          weight_decay=tc.weight_decay)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    x = images + noise_std * torch.randn_like(images)
+    z, _, logdets = model(x, labels)
+    loss = model.get_loss(z, logdets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+    opt.step()
+    return loss.item()
+
+  return run
+
+
+def bench_reference(s: Settings) -> dict:
+  """Apple's PyTorch TarFlow vs this project: train step, samples, guided samples (medians).
+  With s.ref_before, also this project with attention_impl="xla" (the kernel before attention_ops)."""
+  import torch
+  tf = load_reference(s.reference_tarflow)
+  threads = cpu_threads()
+  torch.set_num_threads(threads)
+  torch.manual_seed(s.seed)
+  ref = tf.Model(in_channels=REF_CHANNELS, img_size=s.ref_image_size, patch_size=s.ref_patch,
+                 channels=s.width, num_blocks=s.ref_blocks, layers_per_block=s.ref_layers,
+                 num_classes=REF_CLASSES)
+  with torch.no_grad():  # a non-trivial flow: proj_out starts at zero in both projects
+    for block in ref.blocks:
+      block.proj_out.weight.normal_(0.0, s.ref_head_std / s.width)
+  sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  variables, fcfg = tarflow_torch.params_from_state_dict(sd, s.ref_image_size, s.ref_patch)
+  model = flows.FlowModel(fcfg)
+  rng = np.random.default_rng(s.seed)
+  images = rng.integers(0, 256, (s.ref_batch, *fcfg.image_shape), dtype=np.uint8)
+  labels = np.arange(s.ref_batch, dtype=np.int32) % REF_CLASSES
+  x_ref = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+  y_ref = torch.from_numpy(labels.astype(np.int64))
+
+  # the same loss on the same (noise-free) batch: both sides run one model
+  tokens = flows.patchify(jnp.asarray(x_ref.permute(0, 2, 3, 1).numpy()), fcfg.patch_size,
+                          fcfg.layout)
+  ours_loss = float(flows.loss(jax.jit(model.apply)(variables, tokens, jnp.asarray(labels))))
+  with torch.no_grad():
+    z, _, logdets = ref(x_ref, y_ref)
+    ref_loss = float(ref.get_loss(z, logdets))
+
+  n = s.ref_samples
+  z = flows.noise(jax.random.key(s.seed), n, fcfg.num_tokens, fcfg.token_dim)
+  y = jnp.asarray(labels[:n])
+  z_ref, y_ref_n = torch.from_numpy(np.array(z)), y_ref[:n]
+
+  def torch_sampler(guidance):
+    def run():
+      with torch.inference_mode():
+        return ref.reverse(z_ref.clone(), y_ref_n, guidance=guidance)
+    return run
+
+  def sampler(cfg, w):
+    m = flows.FlowModel(cfg)
+    return compile_call(lambda v, z, y: flows.unpatchify(
+        flows.reverse(m, v, z, y, guidance=w)[0], cfg.patch_size, cfg.layout, cfg.image_shape),
+        variables, z, y)
+
+  def train(cfg):
+    t0 = time.perf_counter()
+    run = jax_train_step(cfg, variables["params"], jnp.asarray(images), jnp.asarray(labels))
+    jax.block_until_ready(run())  # compiles
+    return Call(run, (), time.perf_counter() - t0)
+
+  torch_call = lambda fn: Call(fn, (), 0.0)  # noqa: E731
+  variants = {"ours": fcfg}
+  if s.ref_before:
+    variants["ours_xla"] = dataclasses.replace(fcfg, attention_impl="xla")
+  calls = {}
+  for key, w in (("train", None), ("sample", 0.0), ("guided", s.guidance)):
+    for name, cfg in variants.items():
+      calls[(key, name)] = train(cfg) if w is None else sampler(cfg, w)
+    calls[(key, "reference")] = torch_call(
+        torch_train_step(copy.deepcopy(ref), x_ref, y_ref, fcfg.noise_std) if w is None
+        else torch_sampler(w))  # the train step's own copy: its updates leave the samplers' model
+  t, out = time_calls(calls, s.repeats)
+  rows = {"train": f"train step (batch {s.ref_batch})", "sample": f"{n} samples",
+          "guided": f"{n} samples, guidance {s.guidance:g}"}
+  attention = attention_ops.resolve_implementation(None, jnp.zeros((1, 1, 1, 1), fcfg.compute_dtype))
+  print(f"\n[reference] apple/ml-tarflow ({os.path.abspath(s.reference_tarflow)}, torch "
+        f"{torch.__version__}, {threads} threads; XLA: {threads} CPUs) vs this project "
+        f"(attention {attention}): {s.ref_image_size}x{s.ref_image_size}x{REF_CHANNELS} images, "
+        f"patch {s.ref_patch}, {fcfg.num_tokens} tokens of {fcfg.token_dim}, width {s.width}, "
+        f"{s.ref_blocks} blocks x {s.ref_layers} layers, {REF_CLASSES} classes; train: AdamW")
+  print(f"  {'':<30s} {'ours':>11s} {'reference':>11s}   reference / ours")
+  figures = {"attention": attention, "torch_threads": threads, "width": s.width}
+  for key, name in rows.items():
+    ours, theirs = t[(key, "ours")], t[(key, "reference")]
+    r = ratios(theirs, ours)
+    print(f"  {name:<30s} {ours.median * 1e3:8.1f} ms {theirs.median * 1e3:8.1f} ms   {ratio_text(r)}")
+    figures[key] = {"ours": ours.to_json(), "reference": theirs.to_json(), "reference_over_ours": r}
+    if s.ref_before:
+      before = t[(key, "ours_xla")]
+      r_before = ratios(theirs, before)
+      print(f"  {'  ours with attention xla':<30s} {before.median * 1e3:8.1f} ms {'':>11s}   "
+            f"{ratio_text(r_before)}")
+      figures[key].update(ours_xla=before.to_json(), reference_over_ours_xla=r_before)
+  samples = {key: differences(out[(key, "ours")],
+                              out[(key, "reference")].permute(0, 2, 3, 1).numpy())
+             for key in ("sample", "guided")}
+  print(f"  same model: loss ours {ours_loss:.6f}, reference {ref_loss:.6f}; samples max |ours - "
+        f"reference| {samples['sample']['max_abs']:.2e} (guided {samples['guided']['max_abs']:.2e})")
+  figures.update(loss={"ours": ours_loss, "reference": ref_loss}, sample_difference=samples)
+  return figures
+
+
 # -- driver ----------------------------------------------------------------------------------------
 def header() -> dict:
   """Print and return the device and host description (load average: other processes' share)."""
@@ -373,6 +644,10 @@ def run(s: Settings) -> dict:
         figures[part] = bench(s, cfg, model, variables, z, labels, sequential)
   if "flops" in s.parts:
     figures["flops"] = bench_flops(s)
+  if "attention" in s.parts:
+    figures["attention"] = bench_attention(s)
+  if "reference" in s.parts:
+    figures["reference"] = bench_reference(s)
   figures["host"]["load_avg_1m_end"] = os.getloadavg()[0]
   print(f"\nload average {figures['host']['load_avg_1m_end']:.2f} at the end")
   return figures
@@ -382,7 +657,8 @@ def settings_from_flags() -> Settings:
   """Settings from the parsed flags (--quick replaces the size and repeat flags)."""
   kw = dict(parts=tuple(_PARTS.value), dtype=_DTYPE.value, seed=_SEED.value,
             jacobi_threshold=_JACOBI_THRESHOLD.value, jacobi_max_iter=_JACOBI_MAX_ITER.value,
-            head_std=_HEAD_STD.value)
+            head_std=_HEAD_STD.value, reference_tarflow=_REFERENCE.value, guidance=_GUIDANCE.value,
+            ref_before=_REF_BEFORE.value, ref_head_std=_REF_HEAD_STD.value)
   if _QUICK.value:
     return Settings.quick(**kw)
   return Settings(width=_WIDTH.value, tokens=_TOKENS.value,
@@ -390,7 +666,23 @@ def settings_from_flags() -> Settings:
                   head_dim=_HEAD_DIM.value, batch=_BATCH.value, repeats=_REPEATS.value,
                   jacobi_block=_JACOBI_BLOCK.value, flops_width=_FLOPS_WIDTH.value,
                   flops_batch=_FLOPS_BATCH.value,
-                  peak_sizes=tuple(int(n) for n in _PEAK_SIZES.value), **kw)
+                  peak_sizes=tuple(int(n) for n in _PEAK_SIZES.value),
+                  attention_shapes=tuple(parse_shape(x) for x in _ATTENTION_SHAPES.value),
+                  ref_image_size=_REF_IMAGE.value, ref_patch=_REF_PATCH.value,
+                  ref_blocks=_REF_BLOCKS.value, ref_layers=_REF_LAYERS.value,
+                  ref_batch=_REF_BATCH.value, ref_samples=_REF_SAMPLES.value, **kw)
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+  """"16x256x4x64" -> (16, 256, 4, 64)."""
+  try:
+    shape = tuple(int(n) for n in text.split("x"))
+  except ValueError:
+    shape = ()
+  if len(shape) != 4 or min(shape) < 1:
+    raise UserError(f"--attention_shapes: {text!r} is not BxTxHxDh with positive sizes, e.g. "
+                    "16x256x4x64")
+  return shape
 
 
 def main(argv):

@@ -1,11 +1,14 @@
 """launch/benchmark.py: `main --quick` runs every part and writes finite, positive figures."""
 import json
 import math
+import os
 
+import numpy as np
 import pytest
 from absl import app, flags
 
 from launch import benchmark
+from starflow2_jax.errors import UserError
 
 
 @pytest.fixture
@@ -65,3 +68,51 @@ def test_rejects_bad_settings():
     benchmark.Settings(tokens=200)
   with pytest.raises(ValueError, match="unknown part"):
     benchmark.Settings(parts=("sampling", "vlm"))
+
+
+def _shared_reference():
+  """The copy of apple/ml-tarflow next to the checkout (`../shared/reference/ml-tarflow` of the main
+  checkout or of any folder above this one), or $TARFLOW_REFERENCE."""
+  if os.environ.get("TARFLOW_REFERENCE"):
+    return os.environ["TARFLOW_REFERENCE"]
+  here = os.path.dirname(os.path.abspath(__file__))
+  for _ in range(4):
+    here = os.path.dirname(here)
+    path = os.path.join(here, "shared", "reference", "ml-tarflow")
+    if os.path.isfile(os.path.join(path, "transformer_flow.py")):
+      return path
+  pytest.skip("no copy of apple/ml-tarflow found: set TARFLOW_REFERENCE=PATH")
+
+
+def test_quick_attention_and_reference_parts(tmp_path, parse_flags, capsys):
+  out = tmp_path / "bench.json"
+  parse_flags("--quick", "--parts=attention,reference", f"--reference_tarflow={_shared_reference()}",
+              f"--out={out}")
+  benchmark.main(["benchmark"])
+  printed = capsys.readouterr().out
+  assert "xla / auto" in printed and "reference / ours" in printed
+  figures = json.loads(out.read_text())
+  assert set(figures) >= {"attention", "reference"} and "sampling" not in figures
+  (rows,) = figures["attention"].values()
+  assert set(rows) == {"xla", "cpu", "auto"}
+  assert all(r["fwd_gflop_per_s"] > 0 and r["fwd_bwd_gflop_per_s"] > 0 for r in rows.values())
+  ref = figures["reference"]
+  for key in ("train", "sample", "guided"):
+    assert ref[key]["ours"]["median_s"] > 0 and ref[key]["reference"]["median_s"] > 0
+    assert math.isfinite(ref[key]["reference_over_ours"]["of_medians"])
+  # both sides run the same model: the same loss, the same samples (float32 round-off)
+  assert math.isfinite(ref["loss"]["ours"])  # a finite flow (its proj_out kernels are not zero)
+  np.testing.assert_allclose(ref["loss"]["ours"], ref["loss"]["reference"], rtol=1e-5)
+  assert ref["sample_difference"]["sample"]["max_abs"] < 1e-4
+  assert ref["sample_difference"]["guided"]["max_abs"] < 1e-4
+  assert ref["torch_threads"] >= 1
+
+
+def test_reference_part_needs_a_reference_clone(tmp_path):
+  with pytest.raises(UserError, match="needs --reference_tarflow"):
+    benchmark.Settings(parts=("reference",))
+  s = benchmark.Settings.quick(parts=("reference",), reference_tarflow=str(tmp_path))
+  with pytest.raises(UserError, match="no transformer_flow.py there"):
+    benchmark.bench_reference(s)
+  with pytest.raises(UserError, match="not BxTxHxDh"):
+    benchmark.parse_shape("16x256x4")

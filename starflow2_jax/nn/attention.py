@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from starflow2_jax import parallel
-from starflow2_jax.nn import layers
+from starflow2_jax.nn import attention_ops, layers
 from starflow2_jax.nn.rope import apply_rope
 
 Dtype = Any
@@ -97,7 +97,7 @@ class TransformerConfig:
   out_bias: bool = True
   mlp_bias: bool = True
   rope_layout: str | None = None  # None (no RoPE) | half | interleaved
-  attention_impl: str | None = None  # None (XLA picks) | xla | cudnn
+  attention_impl: str | None = None  # None = auto (per platform) | attention_ops.IMPLEMENTATIONS
   remat: str = "none"  # rematerialisation inside the layer scan: one of REMAT_POLICIES
   scan_layers: bool = True  # False: the same stacked parameters, the scan fully unrolled
   dtype: Dtype = jnp.float32  # compute dtype of the trunk
@@ -161,8 +161,8 @@ class Attention(nn.Module):
           jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start), CACHE_KV)
       k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
       new_kv = (k_all, v_all)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5,
-                                       implementation=cfg.attention_impl)
+    out = attention_ops.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5,
+                                              implementation=cfg.attention_impl)
     out = out.reshape(b, t, nh * hd)
     out = dense(x.shape[-1], ("heads", "embed"), cfg.out_bias, "out")(out)
     return out, new_kv
