@@ -32,7 +32,7 @@ def get_config(arg=None):
       "noise_std": 0.1,  # TarFlow's MNIST value
       "dequant": "gaussian",
       "dtype": "float32",
-      "attention_impl": "xla",
+      "attention_impl": "auto",  # the platform's kernel: cpu on CPU, cuDNN on GPU, XLA on TPU
       "remat": "none",
   })
   config.data.name = "digits"

@@ -40,7 +40,7 @@ def get_config(arg=None):
       "noise_std": 0.05,
       "dequant": "gaussian",
       "dtype": "bfloat16",  # trunk compute; the flow maths and every loss reduction stay float32
-      "attention_impl": "xla",
+      "attention_impl": "auto",  # the platform's kernel: cpu on CPU, cuDNN on GPU, XLA on TPU
       "remat": "full",
   })
   config.data.name = "tfds"

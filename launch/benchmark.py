@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from starflow2_jax import flows, parallel
+from starflow2_jax import entry, flows, parallel
 from starflow2_jax.convert import tarflow_torch
 from starflow2_jax.errors import UserError
 from starflow2_jax.nn import attention_ops
@@ -484,11 +484,14 @@ def jax_train_step(fcfg, params, images, labels):
   mesh = parallel.make_mesh({"shape": {"data": 1, "fsdp": 1, "tensor": 1}}, jax.devices()[:1])
   rules = parallel.logical_rules(config)
   task = tasks.build_task(config, mesh, rules)
-  tx = optimizer.make_optimizer(config.train)
+  labels_tree = task.param_labels(nn.unbox(jax.eval_shape(task.init_fn, jax.random.key(0))))
+  tx = optimizer.make_optimizer(config.train, labels_tree)
   state, state_sh = train_state.init_sharded(task.init_fn, tx, jax.random.key(0), mesh, rules, False)
   state = state.replace(params=jax.device_put(params, state_sh.params))
   step = train_step.make_train_step(task.loss_fn, tx, optimizer.learning_rate_schedule(config.train),
-                                    config.train, mesh, rules, state_sh, task.frozen_shardings)
+                                    config.train, mesh, rules, state_sh, task.frozen_shardings,
+                                    objective=task.objective,
+                                    trainable=optimizer.trainable_mask(labels_tree, config.train))
   batch = {"image": jax.device_put(images, parallel.batch_sharding(mesh, images.ndim)),
            "label": jax.device_put(labels, parallel.batch_sharding(mesh))}
   holder = [state]
@@ -698,4 +701,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main)

@@ -123,7 +123,7 @@ def _resolve(shape: dict, n: int, what: str) -> tuple[int, ...]:
     sizes[fill[0]] = n // known
   if math.prod(sizes) != n:
     raise UserError(f"{what}={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"found {n}; use -1 on one axis to fill")
+                    f"found {n}; use -1 on one axis to fill")
   return tuple(sizes)
 
 
@@ -268,7 +268,7 @@ def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh, micro_batches
         f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {shards}; change train.batch_size or mesh.shape")
   if global_batch % jax.process_count():
     raise UserError(f"train.batch_size={global_batch} is not divisible by the {jax.process_count()} "
-                     "processes")
+                    "processes")
 
 
 def host_batch_slice(global_batch: int) -> slice:

@@ -47,7 +47,7 @@ def config_from_hf(hf: dict, dtype: str) -> ml_collections.ConfigDict:
   archs = hf.get("architectures") or []
   if hf.get("model_type") != MODEL_TYPE or (archs and ARCHITECTURE not in archs):
     raise UserError(f"config.json: expected model_type {MODEL_TYPE!r} / architecture {ARCHITECTURE}, "
-                     f"found model_type {hf.get('model_type')!r} / architectures {archs}")
+                    f"found model_type {hf.get('model_type')!r} / architectures {archs}")
   text = hf.get("text_config") or hf
 
   def get(key, default=None):
@@ -55,7 +55,7 @@ def config_from_hf(hf: dict, dtype: str) -> ml_collections.ConfigDict:
 
   if get("use_sliding_window", False):
     raise UserError("config.json: use_sliding_window is true; sliding-window attention is not "
-                     "supported")
+                    "supported")
   if get("hidden_act", "silu") != "silu":
     raise UserError(f"config.json: expected hidden_act 'silu', found {get('hidden_act')!r}")
   rope = get("rope_parameters") or {}
@@ -65,7 +65,7 @@ def config_from_hf(hf: dict, dtype: str) -> ml_collections.ConfigDict:
   heads, hidden = get("num_attention_heads"), get("hidden_size")
   if section is None or sum(section) * 2 * heads != hidden:
     raise UserError(f"config.json: mrope_section must sum to head_dim/2 = {hidden // heads // 2}, "
-                     f"found {section}")
+                    f"found {section}")
   eos = get("eos_token_id")
   model = dict(
       vocab_size=get("vocab_size"), hidden_size=hidden, intermediate_size=get("intermediate_size"),
@@ -91,7 +91,7 @@ def config_from_hf(hf: dict, dtype: str) -> ml_collections.ConfigDict:
         rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     if vision["out_hidden_size"] != hidden:
       raise UserError(f"config.json: vision_config.out_hidden_size must equal hidden_size {hidden}, "
-                       f"found {vision['out_hidden_size']}")
+                      f"found {vision['out_hidden_size']}")
   return vlm_config.experiment_config(model, vision)
 
 
@@ -166,7 +166,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
   if dtype is None:
     if len(float_dtypes) != 1 or float_dtypes[0] not in DTYPES:
       raise UserError(f"{checkpoint}: tensors are stored as {float_dtypes}; pass dtype='bfloat16' or "
-                       "'float32' to choose the parameter dtype")
+                      "'float32' to choose the parameter dtype")
     dtype = float_dtypes[0]
   if dtype not in DTYPES:
     raise UserError(f"dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
@@ -178,7 +178,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
   shardings = parallel.param_shardings(abstract, mesh, rules)
   if cfg.tie_word_embeddings and "lm_head.weight" in file_keys:
     raise UserError(f"{checkpoint}: config.json says tie_word_embeddings=true, but the file holds "
-                     "lm_head.weight (an untied head); fix the config or the file")
+                    "lm_head.weight (an untied head); fix the config or the file")
   used = set()
 
   def view(names, name, shape):
@@ -189,8 +189,8 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
     v = _as_ours(names, files.get(file_keys[name]))
     if tuple(v.shape) != tuple(shape):
       raise UserError(f"{checkpoint}: tensor {name}: expected shape {tuple(shape)} (as "
-                       f"{'/'.join(names)}), found {tuple(v.shape)} after conversion "
-                       f"(stored {files.shape(file_keys[name])})")
+                      f"{'/'.join(names)}), found {tuple(v.shape)} after conversion "
+                      f"(stored {files.shape(file_keys[name])})")
     return v
 
   def load(path, leaf, sharding):
@@ -212,7 +212,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
   unused = sorted(set(file_keys) - used)
   if unused:
     raise UserError(f"{checkpoint}: {len(unused)} tensor(s) not consumed by the import: {unused[:10]}"
-                     " (does config.json describe this file?)")
+                    " (does config.json describe this file?)")
   return params, config
 
 
@@ -225,7 +225,7 @@ def check_same_model(expected: ml_collections.ConfigDict, found: ml_collections.
            for k in sorted(exp) if k not in skip and _norm(exp[k]) != _norm(got.get(k))]
   if diffs:
     raise UserError(f"{checkpoint}/config.json does not match the requested config:\n" +
-                     "\n".join(diffs))
+                    "\n".join(diffs))
 
 
 def _norm(v):

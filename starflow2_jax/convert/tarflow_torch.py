@@ -46,7 +46,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   sd = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(sd, Mapping):
     raise UserError(f"{path}: expected a state_dict (a mapping of names to tensors), found "
-                     f"{type(sd).__name__}")
+                    f"{type(sd).__name__}")
   return {k: v.detach().float().numpy() for k, v in sd.items()}
 
 
@@ -76,8 +76,8 @@ def infer_config(sd: Mapping[str, np.ndarray], image_size: int, patch_size: int)
   num_classes = sd["blocks.0.class_embed"].shape[0] if "blocks.0.class_embed" in sd else 0
   if sd["blocks.0.proj_out.weight"].shape[0] != 2 * token_dim:
     raise UserError("volume-preserving TarFlow checkpoints (proj_out with D outputs, learned prior "
-                     "variance) are not supported: expected proj_out.weight of shape "
-                     f"[{2 * token_dim}, {width}], found {list(sd['blocks.0.proj_out.weight'].shape)}")
+                    "variance) are not supported: expected proj_out.weight of shape "
+                    f"[{2 * token_dim}, {width}], found {list(sd['blocks.0.proj_out.weight'].shape)}")
   want_tokens, want_dim = (image_size // patch_size) ** 2, CHANNELS * patch_size ** 2
   if (tokens, token_dim) != (want_tokens, want_dim):
     p = int(round(math.sqrt(token_dim / CHANNELS)))
@@ -140,8 +140,8 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], image_size: int = 256,
     used.add("var")
     if sd["var"].shape != (cfg.num_tokens, cfg.token_dim) or not np.all(sd["var"] == 1.0):
       raise UserError(f"'var' must be all ones of shape [{cfg.num_tokens}, {cfg.token_dim}] for an "
-                       f"nvp TarFlow; found shape {list(sd['var'].shape)} with values in "
-                       f"[{sd['var'].min():.4g}, {sd['var'].max():.4g}]")
+                      f"nvp TarFlow; found shape {list(sd['var'].shape)} with values in "
+                      f"[{sd['var'].min():.4g}, {sd['var'].max():.4g}]")
   unused = sorted(set(sd) - used)
   if unused:
     raise UserError(f"TarFlow state_dict has keys the importer does not know: {unused[:20]}")

@@ -87,7 +87,7 @@ def sample_to_dir(checkpoint: str, out: str, *, num: int | None = None,
     want = (num or (z.shape[0] if z.ndim == 3 else None), cfg.num_tokens, cfg.token_dim)
     if z.ndim != 3 or tuple(z.shape) != want:
       raise UserError(f"--noise {noise_path}: expected shape [N, T, D] = {list(want)} in the model's "
-                       f"token layout, found {list(z.shape)}")
+                      f"token layout, found {list(z.shape)}")
     z = jnp.asarray(z, jnp.float32)
   else:
     if not num:

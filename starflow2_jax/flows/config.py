@@ -15,6 +15,7 @@ from starflow2_jax.errors import UserError
 from starflow2_jax.flows.patchify import LAYOUTS
 from starflow2_jax.flows.permutations import RULES, block_permutations
 from starflow2_jax.nn.attention import REMAT_POLICIES
+from starflow2_jax.nn.attention_ops import IMPLEMENTATIONS
 
 PARAMETRISATIONS = ("tarflow", "starflow")
 CONDITIONING = ("all", "deep")
@@ -64,7 +65,7 @@ class FlowConfig:
   latent_norm_reg: float = 0.0  # STARFlow regulariser on the non-final block outputs
   dtype: str = "float32"  # trunk compute dtype; flow maths stay float32
   param_dtype: str = "float32"
-  attention_impl: str | None = None  # None | xla | cudnn
+  attention_impl: str | None = None  # None = auto (per platform) | nn.attention_ops.IMPLEMENTATIONS
   remat: str = "none"  # rematerialisation inside each trunk's layer scan: none | dots_saveable | full
   scan_layers: bool = True  # False: the layer scans fully unrolled (same stacked parameters)
 
@@ -79,15 +80,16 @@ class FlowConfig:
     check("permutation_rule", self.permutation_rule, RULES)
     check("dequant", self.dequant, DEQUANT)
     check("remat", self.remat, REMAT_POLICIES)
+    check("attention_impl", self.attention_impl, (None, *IMPLEMENTATIONS))
     h, w = self.image_size
     if h % self.patch_size or w % self.patch_size:
       raise UserError(f"model.image_size {h}x{w} is not divisible by model.patch_size "
-                       f"{self.patch_size}")
+                      f"{self.patch_size}")
     if self.width % self.head_dim:
       raise UserError(f"model.width {self.width} is not divisible by model.head_dim {self.head_dim}")
     if not self.layers_per_block or min(self.layers_per_block) < 1:
       raise UserError(f"model.layers_per_block must be a non-empty list of positive ints, got "
-                       f"{self.layers_per_block}")
+                      f"{self.layers_per_block}")
     if self.context_dim and self.parametrisation != "starflow":
       raise UserError("model.context_dim (a causal text prefix) needs parametrisation='starflow'")
     if not 0.0 <= self.label_drop < 1.0:

@@ -40,7 +40,7 @@ class Jacobi:
   def __post_init__(self):
     if self.block_size < 2:
       raise UserError(f"jacobi.block_size must be >= 2 (1 is sequential sampling), got "
-                       f"{self.block_size}")
+                      f"{self.block_size}")
     if self.max_iter < 1:
       raise UserError(f"jacobi.max_iter must be >= 1, got {self.max_iter}")
 

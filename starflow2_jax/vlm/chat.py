@@ -42,7 +42,7 @@ def load_vlm(checkpoint: str, dtype: str | None = None, mesh: jax.sharding.Mesh 
   cfg = QwenConfig.from_config(config.model)
   if dtype is not None and dtype != cfg.param_dtype:
     raise UserError(f"{checkpoint} stores {cfg.param_dtype} parameters, but {dtype} was requested: "
-                     f"re-import with `launch.convert --dtype={dtype}`")
+                    f"re-import with `launch.convert --dtype={dtype}`")
   abstract = abstract_params(cfg)
   shardings = param_shardings(abstract, mesh, rules)
   params = ckpt.load_params(checkpoint, nn.unbox(abstract), shardings)
@@ -55,7 +55,7 @@ def build_prompt(tokenizer, config, prompt: str, images: Sequence, system: str |
   image_id = tok_lib.special_id(tokenizer, tok_lib.IMAGE_PAD)
   if image_id != config.model.image_token_id:
     raise UserError(f"tokenizer and checkpoint disagree: the tokenizer's {tok_lib.IMAGE_PAD} is "
-                     f"{image_id}, the checkpoint's image_token_id is {config.model.image_token_id}")
+                    f"{image_id}, the checkpoint's image_token_id is {config.model.image_token_id}")
   patches, grids = [], []
   for image in images:
     if cfg.vision is None:
@@ -107,11 +107,11 @@ def _answer(model, params, config, tk, prompt, images, max_new_tokens, max_len, 
   limit = max_len or cfg.max_position_embeddings
   if len(ids) + max_new_tokens > limit:
     raise UserError(f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} = "
-                     f"{len(ids) + max_new_tokens} exceeds the maximum length {limit}: shorten the "
-                     "prompt, use fewer or smaller images, or lower --max_new_tokens")
+                    f"{len(ids) + max_new_tokens} exceeds the maximum length {limit}: shorten the "
+                    "prompt, use fewer or smaller images, or lower --max_new_tokens")
   if ids.max() >= cfg.vocab_size:
     raise UserError(f"the tokenizer produced id {ids.max()}, but the model has only {cfg.vocab_size} "
-                     "embedding rows: this tokenizer does not belong to this checkpoint")
+                    "embedding rows: this tokenizer does not belong to this checkpoint")
   positions, next_pos = mrope_positions(ids[None], None, llm_grids, config.model.image_token_id,
                                         config.model.get("image_positions", "mrope"))
   image_embeds = image_index = None

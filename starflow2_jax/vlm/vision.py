@@ -169,7 +169,7 @@ def patchify(image: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, tuple[in
   hh, ww, c = image.shape
   if hh % (p * m) or ww % (p * m) or c != cfg.in_channels:
     raise UserError(f"image: expected [H, W, {cfg.in_channels}] with H, W multiples of {p * m}, "
-                     f"got {image.shape}")
+                    f"got {image.shape}")
   gh, gw = hh // p, ww // p
   x = np.broadcast_to(image.transpose(2, 0, 1)[None], (tp, c, hh, ww))  # [T, C, H, W]
   x = x.reshape(tp, c, gh // m, m, p, gw // m, m, p)
