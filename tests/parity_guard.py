@@ -2,8 +2,9 @@
 
 The parity layers (Qwen vs transformers, tokenizer vs tokenizers/tiktoken, TarFlow importer vs torch)
 skip through `pytest.importorskip` when their reference package cannot be imported. This plugin
-collects every such skip of a `PARITY_MODULES` package (missing, or installed but broken: pytest
-reports both as "could not import 'NAME': ..."), lists them loudly at the end of the run, and, when the
+collects every such skip of a `PARITY_MODULES` package (missing, or, with pytest < 9.1, installed but
+broken: pytest reports both as "could not import 'NAME': ..."; pytest >= 9.1 makes a broken install a
+collection error, which fails the run by itself), lists them loudly at the end of the run, and, when the
 environment variable CI is true (set by `.ci/run`), makes the run fail (exit status 1) after every
 other test has run. Other skips are left alone.
 

@@ -9,9 +9,12 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-# A broken install (the package is there, its import raises ImportError) and a missing one.
-BROKEN = {"torch": "raise ImportError('libtorch_cpu.so: cannot open shared object file')",
-          "tiktoken": "raise ModuleNotFoundError(\"No module named 'tiktoken'\")"}
+# Packages whose import fails as a missing one does (ModuleNotFoundError: importorskip skips).
+MISSING = {"torch": "raise ModuleNotFoundError(\"No module named 'torch._C'\")",
+           "tiktoken": "raise ModuleNotFoundError(\"No module named 'tiktoken'\")"}
+# A broken install: the package is there, its import raises a plain ImportError. pytest < 9.1 skips
+# it through importorskip (with a deprecation warning), pytest >= 9.1 reports a collection error.
+BROKEN = {"torch": "raise ImportError('libtorch_cpu.so: cannot open shared object file')"}
 SUITE = {
     "test_module_level.py": """
         import pytest
@@ -35,9 +38,9 @@ SUITE = {
 }
 
 
-def _pytest(tmp_path, ci):
+def _pytest(tmp_path, ci, fakes=MISSING):
   fake = tmp_path / "site"
-  for name, body in BROKEN.items():
+  for name, body in fakes.items():
     (fake / name).mkdir(parents=True)
     (fake / name / "__init__.py").write_text(body + "\n")
   suite = tmp_path / "suite"
@@ -63,7 +66,14 @@ def test_parity_skips_fail_only_in_ci(tmp_path, ci, failed):
   verdict = "CI=true: failing the run" if failed else "set CI=true to make this an error"
   assert f"2 parity test(s) skipped ({verdict})" in out, out
   assert ("SKIPPED PARITY test_module_level.py: could not import 'torch': "
-          "libtorch_cpu.so: cannot open shared object file") in out, out
+          "No module named 'torch._C'") in out, out
   assert ("SKIPPED PARITY test_inside.py::test_tokenizer_parity: could not import 'tiktoken': "
           "No module named 'tiktoken'") in out, out
   assert "SKIPPED PARITY test_inside.py::test_unrelated_skip" not in out
+
+
+def test_a_broken_parity_install_fails_ci(tmp_path):
+  """Whatever pytest does with an ImportError in importorskip (skip or collection error), CI fails."""
+  r = _pytest(tmp_path, "true", fakes={**MISSING, **BROKEN})
+  assert r.returncode != 0, r.stdout + r.stderr
+  assert "libtorch_cpu.so: cannot open shared object file" in r.stdout, r.stdout
