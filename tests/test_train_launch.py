@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from starflow2_jax import flows
+from starflow2_jax.errors import UserError
 from starflow2_jax.train import loop, mfu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,3 +60,10 @@ def test_peak_flops_override_and_measured_fallback():
   assert mfu.peak(123e12) == ("mfu", 123e12)
   name, measured = mfu.peak(0.0)  # the test devices are CPUs: not in the table
   assert name == "mfu_vs_matmul" and measured > 1e8
+
+
+def test_unknown_model_kind_lists_the_registered_tasks(tmp_path):
+  cfg = tarflow_digits.get_config()
+  cfg.model_kind = "flwo"
+  with pytest.raises(UserError, match=r"config.model_kind='flwo': expected one of \['flow'\]"):
+    loop.train_and_evaluate(cfg, str(tmp_path))
