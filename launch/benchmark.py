@@ -484,14 +484,13 @@ def jax_train_step(fcfg, params, images, labels):
   mesh = parallel.make_mesh({"shape": {"data": 1, "fsdp": 1, "tensor": 1}}, jax.devices()[:1])
   rules = parallel.logical_rules(config)
   task = tasks.build_task(config, mesh, rules)
-  labels_tree = task.param_labels(nn.unbox(jax.eval_shape(task.init_fn, jax.random.key(0))))
-  tx = optimizer.make_optimizer(config.train, labels_tree)
+  tx, _, trainable = optimizer.for_task(config.train, task, jax.random.key(0))
   state, state_sh = train_state.init_sharded(task.init_fn, tx, jax.random.key(0), mesh, rules, False)
   state = state.replace(params=jax.device_put(params, state_sh.params))
   step = train_step.make_train_step(task.loss_fn, tx, optimizer.learning_rate_schedule(config.train),
                                     config.train, mesh, rules, state_sh, task.frozen_shardings,
                                     objective=task.objective,
-                                    trainable=optimizer.trainable_mask(labels_tree, config.train))
+                                    trainable=trainable)
   batch = {"image": jax.device_put(images, parallel.batch_sharding(mesh, images.ndim)),
            "label": jax.device_put(labels, parallel.batch_sharding(mesh))}
   holder = [state]

@@ -40,8 +40,7 @@ def _batch(cfg, n, offset=0):
 
 
 def _tx(cfg, task):
-  labels = task.param_labels(nn.unbox(jax.eval_shape(task.init_fn, jax.random.key(0))))
-  return optimizer.make_optimizer(cfg.train, labels)
+  return optimizer.for_task(cfg.train, task, jax.random.key(0))[0]
 
 
 @pytest.fixture(scope="module")

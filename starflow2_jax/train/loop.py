@@ -178,9 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       task.record_transform, jax.process_index(), jax.process_count())
   base_rng = jax.random.key(int(tc.seed))
   init_rng, step_rng, sample_rng, eval_rng = (jax.random.fold_in(base_rng, i) for i in range(4))
-  labels = task.param_labels(nn.unbox(jax.eval_shape(task.init_fn, init_rng)))
-  tx = optimizer.make_optimizer(tc, labels)  # fails on unknown groups before anything is written
-  trainable = optimizer.trainable_mask(labels, tc)
+  tx, labels, trainable = optimizer.for_task(tc, task, init_rng)  # fails on unknown groups early
   _write_config(workdir, config)
 
   schedule = optimizer.learning_rate_schedule(tc)

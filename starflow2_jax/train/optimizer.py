@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import optax
@@ -77,3 +78,10 @@ def make_optimizer(train: ml_collections.ConfigDict, labels: Any) -> optax.Gradi
     parts.append(optax.clip_by_global_norm(float(train.clip_norm)))
   parts.append(optax.partition(updates, part_labels))
   return optax.chain(*parts)
+
+
+def for_task(train: ml_collections.ConfigDict, task, rng: jax.Array):
+  """-> (tx, labels, trainable) for a `train.task.Task`: its group labels (from the abstract init),
+  `make_optimizer` over them and `trainable_mask`; what the loop and the benchmark build alike."""
+  labels = task.param_labels(nn.unbox(jax.eval_shape(task.init_fn, rng)))
+  return make_optimizer(train, labels), labels, trainable_mask(labels, train)
