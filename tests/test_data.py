@@ -226,6 +226,9 @@ def test_tfds_writer_and_source_round_trip(tmp_path):
     assert got[r["caption"]]["label"] == r["label"]
   with pytest.raises(FileExistsError, match="refusing to overwrite"):
     write_tfds_dataset("shapes_tiny", str(tmp_path), {"train": src}, (8, 8, 3), num_classes=4)
+  # a second dataset written in the same process (the builder class must not be registered globally)
+  write_tfds_dataset("shapes_tiny2", str(tmp_path), {"train": src}, (8, 8, 3), num_classes=4)
+  assert len(TfdsSource("shapes_tiny2", str(tmp_path), "train")) == 6
 
 
 def test_tfds_missing_data_dir_is_a_clear_error(tmp_path):

@@ -74,7 +74,9 @@ def write_tfds_dataset(name: str, data_dir: str, splits: Mapping[str, object], i
         ex["caption"] = r.get("caption", "")
       yield i, ex
 
-  class _Builder(tfds.core.GeneratorBasedBuilder):
+  # skip_registration: the builder is local, so a second call in one process must not clash in tfds's
+  # global registry ("Dataset with name __builder already registered").
+  class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(version)
 
     def _info(self):
