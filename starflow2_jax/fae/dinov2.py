@@ -272,8 +272,7 @@ def load_dinov2(checkpoint: str, mesh: jax.sharding.Mesh | None = None,
   cfg = config_from_checkpoint(ckpt.load_config(checkpoint), checkpoint)
   abstract = abstract_params(cfg)
   shardings = parallel.param_shardings(abstract, mesh, rules)
-  unboxed = nn.unbox(abstract)
-  params = ckpt.load_params(checkpoint, {"params": unboxed}, {"params": shardings})["params"]
+  params = ckpt.load_params(checkpoint, nn.unbox(abstract), shardings)
   return Dinov2(cfg), params, cfg
 
 

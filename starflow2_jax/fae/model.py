@@ -118,6 +118,11 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
   return 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
 
 
+def reparameterise(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+  """A posterior sample mean + exp(logvar / 2) * eps, eps ~ N(0, 1) (what FAE training decodes)."""
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
 def token_noise(rng: jax.Array, x: jax.Array, sigma: float) -> jax.Array:
   """Phase-A pixel-decoder input x + sigma * rms(x_n) * eps, rms over each token's channels."""
   rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True))
