@@ -89,7 +89,7 @@ def frozen_parts(fae: FAE, parts: tuple[str, ...], mesh, rules, seed: int):
   for i, part in enumerate(PARTS):
     if part in parts:
       continue
-    abstract = jax.eval_shape(fae.init_part, part, jax.random.key(0))
+    abstract = jax.eval_shape(lambda r, p=part: fae.init_part(p, r), jax.random.key(0))
     if part == "trunk" and spec.dinov2_checkpoint:
       _, params, cfg = dinov2_lib.load_dinov2(spec.dinov2_checkpoint, mesh, rules)
       check_same_model(spec.dinov2, cfg, spec.dinov2_checkpoint)
