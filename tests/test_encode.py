@@ -16,7 +16,7 @@ from launch import encode as encode_cli  # noqa: E402
 from starflow2_jax import ckpt  # noqa: E402
 from starflow2_jax.errors import UserError  # noqa: E402
 from starflow2_jax.fae import FAE, dinov2 as dinov2_lib  # noqa: E402
-from test_fae import tiny_fae_config  # noqa: E402
+from test_fae import random_params, tiny_fae_config  # noqa: E402
 
 DINO = dinov2_lib.Dinov2Config(hidden_size=16, num_layers=1, num_heads=2, patch_size=4, image_size=16,
                                mlp="swiglu", layerscale_value=0.3)
@@ -25,20 +25,19 @@ DINO = dinov2_lib.Dinov2Config(hidden_size=16, num_layers=1, num_heads=2, patch_
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   root = tmp_path_factory.mktemp("encode")
-  model = dinov2_lib.Dinov2(DINO)
-  dino_params = jax.jit(lambda r: nn.unbox(model.init(r, np.zeros((1, 16, 16, 3), np.float32))["params"]))(
-      jax.random.key(0))
+  rng = np.random.default_rng(0)
+  dino_params = jax.tree.map(lambda x: rng.normal(0.0, 0.2, x.shape).astype(np.float32),
+                             nn.unbox(dinov2_lib.abstract_params(DINO)))
   dino_dir = ckpt.save_params(str(root / "dino"), dino_params, ml_collections.ConfigDict(
       {"model_kind": "dinov2", "model": DINO.to_dict()}))
   fae_config = tiny_fae_config()
   fae = FAE(fae_config)
-  params = fae.init(jax.random.key(1), with_stats=True)
+  params = random_params(fae, seed=1)
   params["latent_stats"]["std"] = params["latent_stats"]["std"] * 0.5
   fae_dir = ckpt.save_params(str(root / "fae"), {"params": params}, ml_collections.ConfigDict(
       {"model_kind": "fae", "fae": fae_config}))
   images = root / "images"
   os.makedirs(images)
-  rng = np.random.default_rng(0)
   for i, size in enumerate([(16, 16), (20, 24), (16, 16)]):  # one non-square: centre-cropped
     Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images / f"{i}.png")
   return {"dino": dino_dir, "fae": fae_dir, "images": str(images), "root": root,

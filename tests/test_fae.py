@@ -27,10 +27,25 @@ def tiny_fae_config():
   return c
 
 
+def random_params(fae: FAE, seed: int = 0):
+  """The FAE's whole tree (identity latent statistics) filled with random values from its shapes
+  (no init compile): weights N(0, 0.2^2), norm and LayerScale scales 1 + N(0, 0.1^2)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path)
+    if "latent_stats" in name:
+      return jnp.zeros(x.shape) if "mean" in name else jnp.ones(x.shape)
+    noise = rng.normal(0.0, 0.1 if "scale" in name else 0.2, x.shape).astype(np.float32)
+    return jnp.asarray(1.0 + noise if "scale" in name else noise)
+
+  return jax.tree_util.tree_map_with_path(leaf, nn.unbox(fae.abstract_params(with_stats=True)))
+
+
 @pytest.fixture(scope="module")
 def tiny():
   fae = FAE(tiny_fae_config())
-  params = fae.init(jax.random.key(0), with_stats=True)
+  params = random_params(fae)
   params["latent_stats"] = {"mean": jnp.asarray([0.5, -1.0, 2.0, 0.0]),
                             "std": jnp.asarray([2.0, 0.5, 1.5, 3.0])}
   images = jax.random.randint(jax.random.key(1), (3, 16, 16, 3), 0, 256).astype(jnp.uint8)
@@ -110,6 +125,15 @@ def test_paper_config_shapes_and_parameter_counts():
   assert latents.shape == (2, 16, 16, 32) and latents.dtype == jnp.float32
   out = jax.eval_shape(fae.decode, abstract, latents)
   assert out.shape == (2, 256, 256, 3) and out.dtype == jnp.float32
+
+
+def test_init_gives_the_abstract_tree():
+  fae = FAE(tiny_fae_config())
+  params = fae.init(jax.random.key(0), with_stats=True)
+  want = nn.unbox(fae.abstract_params(with_stats=True))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(lambda x: (x.shape, x.dtype),
+                                                                             want)
+  assert "latent_stats" not in fae.init(jax.random.key(0))
 
 
 def test_bad_input_errors(tiny):

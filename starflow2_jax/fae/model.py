@@ -146,6 +146,7 @@ class FAE:
     self.trunk_model = dinov2_lib.Dinov2(s.dinov2)
     self.modules = {"head": EncoderHead(s), "feature_decoder": FeatureDecoder(s, s.dinov2.hidden_size),
                     "pixel_decoder": PixelDecoder(s)}
+    self._init_jit = jax.jit(self._init_parts)
 
   def __hash__(self):
     return hash(self.spec)
@@ -168,7 +169,7 @@ class FAE:
   def init(self, rng: jax.Array, *, with_stats: bool = False, boxed: bool = False):
     """The whole tree {trunk, head, feature_decoder, pixel_decoder} (+ latent_stats = identity
     statistics (mean 0, std 1) when `with_stats`). boxed: keep the logical-partitioning metadata."""
-    params = jax.jit(self._init_parts)(rng)
+    params = self._init_jit(rng)
     if with_stats:
       params[STATS] = self.identity_stats(boxed)
     return params if boxed else nn.unbox(params)
