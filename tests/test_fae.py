@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import PartitionSpec as P
+
 from configs import fae_dinov2_g14, fae_shapesworld
+from starflow2_jax import parallel
 from starflow2_jax.errors import UserError
 from starflow2_jax.fae import FAE, kl_divergence, reparameterise, token_noise
 from starflow2_jax.fae.dinov2 import num_params
@@ -98,6 +101,19 @@ def test_encode_is_the_deterministic_normalised_posterior_mean(tiny):
   np.testing.assert_allclose(a.reshape(3, 16, 4), want, rtol=1e-5, atol=1e-5)
   out = np.asarray(jax.jit(fae.decode)(params, a))
   assert out.shape == (3, 16, 16, 3) and out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_encode_decode_sharded_by_the_logical_rules(tiny):
+  fae, params, images = tiny
+  mesh = parallel.inference_mesh(2, 4)
+  rules = parallel.DEFAULT_LOGICAL_RULES
+  shardings = parallel.param_shardings(fae.abstract_params(with_stats=True), mesh, rules)
+  placed = jax.tree.map(jax.device_put, params, shardings)
+  assert placed["head"]["attn"]["qkv"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  with parallel.sharding_context(mesh, rules):
+    latents = jax.jit(fae.encode)(placed, images)
+  np.testing.assert_allclose(np.asarray(latents), np.asarray(jax.jit(fae.encode)(params, images)),
+                             rtol=1e-4, atol=1e-4)
 
 
 def test_normalisation_round_trips(tiny, x64):
