@@ -35,7 +35,7 @@ def fae_config() -> ml_collections.ConfigDict:
       "pixel": {"width": 64, "layers": 2, "heads": 2, "head_dim": 32, "mlp_hidden": 128,
                 "norm_eps": 1e-6, "rope_base": 10000.0},
       "beta_kl": 1e-4,
-      "logvar_offset": -5.0,  # posterior std e^-2.5 at init: a short run cannot wait for the variance to shrink
+      "logvar_offset": -5.0,  # posterior std e^-2.5 at init: a short run cannot wait for it to shrink
       "pixel_noise": 0.4,
       "phase": "joint",
       "frozen_from": "",
