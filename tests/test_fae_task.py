@@ -1,7 +1,7 @@
-"""The FAE task (REFERENCE-BEHAVIOURS 57): a frozen trunk stays bit-identical through train steps while
-the head trains; a jointly trained trunk changes and its feature target is stop-gradient; a tiny run of
-the loop exports the FAE with latent statistics that `load_fae` reads and that normalise its latents;
-config mistakes fail naming the field."""
+"""The FAE task (REFERENCE-BEHAVIOURS 57): a frozen trunk (from fae.frozen_from) stays bit-identical
+through train steps while the head trains; the joint feature target is stop-gradient; a tiny run of the
+loop (slow) trains the trunk and exports the FAE with latent statistics that `load_fae` reads and that
+normalise its latents; config mistakes fail naming the field."""
 import json
 import os
 
@@ -16,7 +16,7 @@ from starflow2_jax.data import pipeline
 from starflow2_jax.errors import UserError
 from starflow2_jax.fae import load_fae
 from starflow2_jax.train import fae_task, loop, optimizer, state as state_lib, step as step_lib
-from test_fae import tiny_fae_config
+from test_fae import random_params, tiny_fae_config
 
 
 def tiny_config(**fae_overrides):
@@ -41,11 +41,20 @@ def tiny_config(**fae_overrides):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """A tiny joint run of the loop (3 steps, a train checkpoint after each) and its summary."""
+  """A tiny joint run of the loop (2 steps, a train checkpoint after each) and its summary."""
   config = tiny_config()
-  config.checkpoint.every, config.checkpoint.keep = 1, 3
+  config.train.steps = 2
+  config.checkpoint.every, config.checkpoint.keep = 1, 2
   workdir = tmp_path_factory.mktemp("fae_run")
   return config, str(workdir), loop.train_and_evaluate(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+  """An exported FAE as the loop writes it ({"params": the whole tree}), random values, no training."""
+  config = tiny_config()
+  params = random_params(fae_task.FAE(config.fae))
+  return ckpt.save_params(str(tmp_path_factory.mktemp("fae_export") / "params"), {"params": params}, config)
 
 
 def _build(config):
@@ -56,6 +65,7 @@ def _changed(a, b):
   return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_tiny_run_exports_an_fae_with_latent_statistics(run):
   config, workdir, summary = run
   assert np.isfinite(summary["eval"]["psnr"]) and "feature_mse" in summary["eval"]
@@ -72,14 +82,14 @@ def test_tiny_run_exports_an_fae_with_latent_statistics(run):
   np.testing.assert_allclose(z.std(0), 1.0, atol=1e-3)
   # fae.train_encoder: the trunk changes from step to step with the rest
   first, last = (ckpt.read_tree(os.path.join(workdir, "checkpoints", str(k), "state"))["params"]
-                 for k in (1, 3))
+                 for k in (1, 2))
   assert _changed(first["trunk"], last["trunk"]) and _changed(first["head"], last["head"])
 
 
-def test_joint_feature_target_is_stop_gradient(run):
-  config, _, summary = run
+def test_joint_feature_target_is_stop_gradient(export):
+  config = tiny_config()
   task = _build(config)
-  exported = {k: v for k, v in ckpt.read_tree(os.path.join(summary["export"], "params"))["params"].items()
+  exported = {k: v for k, v in ckpt.read_tree(os.path.join(export, "params"))["params"].items()
               if k != "latent_stats"}
   fae = fae_task.FAE(config.fae)
   images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
@@ -104,16 +114,15 @@ def test_joint_feature_target_is_stop_gradient(run):
   assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(got))  # the latent path
 
 
-def test_frozen_trunk_is_bit_identical_while_the_head_trains(run):
-  _, _, summary = run
-  config = tiny_config(phase="head", train_encoder=False, frozen_from=summary["export"])
+def test_frozen_trunk_is_bit_identical_while_the_head_trains(export):
+  config = tiny_config(phase="head", train_encoder=False, frozen_from=export)
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.logical_rules(config)
   task = fae_task.build(config, mesh, rules)
   assert sorted(task.frozen) == ["pixel_decoder", "trunk"]
   assert task.objective == {"feature_mse": 1.0, "kl": config.fae.beta_kl}
   trunk = jax.tree.map(np.asarray, task.frozen["trunk"])
-  exported = ckpt.read_tree(os.path.join(summary["export"], "params"))["params"]
+  exported = ckpt.read_tree(os.path.join(export, "params"))["params"]
   assert not _changed(trunk, exported["trunk"])  # taken from fae.frozen_from
   rng = jax.random.key(0)
   tx, _, trainable = optimizer.for_task(config.train, task, rng)
@@ -131,9 +140,8 @@ def test_frozen_trunk_is_bit_identical_while_the_head_trains(run):
   assert not _changed(trunk, jax.tree.map(np.asarray, task.frozen["trunk"]))
 
 
-def test_pixel_recon_decodes_the_frozen_head_of_frozen_from(run):
-  _, _, summary = run
-  task = _build(tiny_config(phase="pixel_recon", train_encoder=False, frozen_from=summary["export"]))
+def test_pixel_recon_decodes_the_frozen_head_of_frozen_from(export):
+  task = _build(tiny_config(phase="pixel_recon", train_encoder=False, frozen_from=export))
   assert sorted(task.frozen) == ["feature_decoder", "head", "trunk"]
   assert task.objective == {"pixel_mse": 1.0} and task.headline == "psnr"
 
