@@ -13,7 +13,10 @@ from configs import fae_dinov2_g14, fae_shapesworld
 from starflow2_jax import parallel
 from starflow2_jax.errors import UserError
 from starflow2_jax.fae import FAE, kl_divergence, reparameterise, token_noise
-from starflow2_jax.fae.dinov2 import num_params
+
+
+def num_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def tiny_fae_config():

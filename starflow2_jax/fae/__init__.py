@@ -11,7 +11,6 @@ from starflow2_jax.fae.checkpoint import load_fae
 from starflow2_jax.fae.config import FAEConfig, StackConfig
 from starflow2_jax.fae.dinov2 import Dinov2, Dinov2Config, load_dinov2
 from starflow2_jax.fae.model import FAE, kl_divergence, reparameterise, token_noise
-from starflow2_jax.fae.stats import compute_latent_stats
 
 __all__ = ["FAE", "FAEConfig", "StackConfig", "Dinov2", "Dinov2Config", "load_dinov2", "load_fae",
-           "kl_divergence", "reparameterise", "token_noise", "compute_latent_stats"]
+           "kl_divergence", "reparameterise", "token_noise"]

@@ -19,7 +19,6 @@ Library: `Dinov2Config`, `Dinov2`, `features(model, params, pixels)`, `load_dino
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -274,7 +273,3 @@ def load_dinov2(checkpoint: str, mesh: jax.sharding.Mesh | None = None,
   shardings = parallel.param_shardings(abstract, mesh, rules)
   params = ckpt.load_params(checkpoint, nn.unbox(abstract), shardings)
   return Dinov2(cfg), params, cfg
-
-
-def num_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))

@@ -222,8 +222,7 @@ class FAE:
     if STATS not in params:
       raise UserError("this FAE has no latent statistics (params['latent_stats']) yet: they are "
                       "computed when `launch.train` with model_kind 'fae' finishes and exports; load "
-                      "the exported checkpoint (fae.load_fae(WORKDIR/params_<step>)) or call "
-                      "fae.stats.compute_latent_stats")
+                      "the exported checkpoint: fae.load_fae(WORKDIR/params_<step>)")
     stats = params[STATS]
     c = self.channels
     for k in ("mean", "std"):
