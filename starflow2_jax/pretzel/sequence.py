@@ -101,6 +101,16 @@ class SequenceSpec:
   def num_latents(self) -> int:
     return self.grid[0] * self.grid[1]
 
+  @classmethod
+  def from_config(cls, data, grid: tuple[int, int], image_positions: str = "mrope",
+                  nf_on_input_images: bool = False) -> "SequenceSpec":
+    """From the data config (`examples.default_data_config()`: max_len, max_images, image_size,
+    system_prompt, caption_dropout, pack) and the model's latent grid and position options."""
+    return cls(max_len=int(data.max_len), max_images=int(data.max_images), grid=tuple(grid),
+               image_size=int(data.image_size), image_positions=image_positions,
+               system_prompt=data.system_prompt, caption_dropout=float(data.caption_dropout),
+               nf_on_input_images=bool(nf_on_input_images), pack=int(data.pack))
+
 
 @dataclasses.dataclass
 class Example:
