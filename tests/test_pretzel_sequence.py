@@ -60,8 +60,8 @@ CASES = {
     "interleaved": ({"kind": "interleaved", "prompt": "draw two", "parts": ["one: ", 1, " two: ", 0, "."],
                      "images": [_img(5), _img(6)]},
                     _head() + "<|im_start|>user\ndraw two<|im_end|>\n<|im_start|>assistant\none: " + SPAN
-                    + " two: " + SPAN + ".<|im_end|>", "one: <|vision_start|> two: <|vision_start|>.<|im_end|>",
-                    [True, True]),
+                    + " two: " + SPAN + ".<|im_end|>",
+                    "one: <|vision_start|> two: <|vision_start|>.<|im_end|>", [True, True]),
 }
 
 
@@ -85,7 +85,8 @@ def test_templates_and_masks(kind, tok_path, tk):
   slots = row["image_slot"][row["is_image"]]
   np.testing.assert_array_equal(slots, np.repeat(np.arange(len(flow)), N))
   np.testing.assert_array_equal(row["image_cell"][row["is_image"]], np.tile(np.arange(N), len(flow)))
-  assert (row["image_slot"][~row["is_image"]] == -1).all() and (row["image_cell"][~row["is_image"]] == -1).all()
+  text = ~row["is_image"]
+  assert (row["image_slot"][text] == -1).all() and (row["image_cell"][text] == -1).all()
   np.testing.assert_array_equal(row["image_flow_loss"][:len(flow)], flow)
   assert row["image_valid"].tolist() == [True] * len(flow) + [False] * (2 - len(flow))
   order = [p for p in record.get("parts", []) if isinstance(p, int)] or range(len(flow))
