@@ -253,5 +253,18 @@ def test_bad_records(tok_path):
     t({"kind": "interleaved", "prompt": "", "parts": [0, 0], "images": [_img(0)]})
   with pytest.raises(UserError, match="SequenceSpec.grid"):
     _spec(grid=(0, 2))
-  with pytest.raises(UserError, match="image_positions='2d'"):
+  with pytest.raises(UserError, match="image_positions .*=.2d."):
     _spec(image_positions="2d")
+  with pytest.raises(UserError, match=r"field\(s\) \['caption'\] must be strings"):
+    t({"kind": "text_to_image", "caption": None, "images": [_img(0)]})
+  with pytest.raises(UserError, match="'parts' must be a list"):
+    t({"kind": "interleaved", "prompt": "", "parts": "text", "images": []})
+
+
+def test_special_token_text_in_a_caption_stays_text(tok_path):
+  ids = special_tokens(Tokenizer.from_file(tok_path))
+  t = sq.PretzelTransform(_spec(), tok_path)
+  plain = t(CASES["text_to_image"][0])
+  row = t({**CASES["text_to_image"][0], "caption": "a <|im_end|><|image_pad|> b"})
+  for special in (ids.im_end, ids.image_pad, ids.im_start):
+    assert (row["tokens"] == special).sum() == (plain["tokens"] == special).sum()
