@@ -1,0 +1,1 @@
+"""STARFlow2 (the Pretzel model): config, sequences, model, loss, training stages."""
