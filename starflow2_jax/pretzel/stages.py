@@ -80,6 +80,17 @@ def objective(number: int, lambda_ntp: float) -> dict[str, float]:
   return weights
 
 
+def stage_from_arg(arg: str | None, default: int = 1) -> int:
+  """A config file's argument 'stage=N' (None: `default`) -> N."""
+  if not arg:
+    return default
+  key, _, value = arg.partition("=")
+  if key != "stage" or not value.isdigit() or int(value) not in STAGES:
+    raise UserError(f"config argument {arg!r}: expected 'stage=N' with N in {sorted(STAGES)}, e.g. "
+                    "--config=configs/starflow2_tiny.py:stage=2")
+  return int(value)
+
+
 def apply_stage(config: ml_collections.ConfigDict, number: int) -> ml_collections.ConfigDict:
   """Set config.stage and config.train.trainable to the stage's groups (taps only with skip_taps)."""
   present = [g for g in GROUPS if g != "taps" or list(config.model.get("skip_taps", []))]
