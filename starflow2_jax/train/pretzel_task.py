@@ -141,13 +141,18 @@ def frozen_vlm(config: ml_collections.ConfigDict, mesh, rules, seed):
   return Qwen2_5_VL(qcfg), params, qcfg
 
 
+def fae_of(config: ml_collections.ConfigDict) -> FAE:
+  """The FAE that config.fae describes (its fields other than `checkpoint`)."""
+  return FAE(ml_collections.ConfigDict({k: v for k, v in config.fae.to_dict().items()
+                                        if k != "checkpoint"}))
+
+
 def frozen_fae(config: ml_collections.ConfigDict, mesh, rules, seed):
   """-> (FAE, its params with latent statistics)."""
-  section = {k: v for k, v in config.fae.to_dict().items() if k != "checkpoint"}
   checkpoint = config.fae.get("checkpoint", "")
   if checkpoint:
     return load_fae(checkpoint, mesh, rules)
-  fae = FAE(ml_collections.ConfigDict(section))
+  fae = fae_of(config)
   logging.warning("config.fae.checkpoint is empty: the frozen FAE is random (random_frozen; identity "
                   "latent statistics)")
   return fae, random_frozen(fae.abstract_params(with_stats=True), mesh, rules, seed)
