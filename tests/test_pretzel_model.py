@@ -248,3 +248,10 @@ def test_text_only_logits_equal_transformers(tmp_path):
     ref = hf(input_ids=torch.as_tensor(batch["tokens"][:1].astype(np.int64))).logits.numpy()
   err = np.abs(np.asarray(out.logits)[:1] - ref).max()
   assert err <= 1e-5 * max(1.0, np.abs(ref).max()), err
+
+
+def test_running_positions_restart_per_packed_example():
+  """deep_rope = "1d": the position of a token inside its packed example."""
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  got = np.asarray(pmodel.running_positions(seg))
+  assert got.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
