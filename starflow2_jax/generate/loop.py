@@ -236,8 +236,9 @@ def generate(model: Pretzel, vlm: Qwen2_5_VL, gcfg: GenerateConfig, params, vlm_
     s = record(s, s["i"], 1, tok[:, None], valid[:, None], pos[:, None], in_img[:, None],
                jnp.where(in_img, s["images"], -1)[:, None], jnp.where(in_img, cell, -1)[:, None])
     latents = s["latents"]
-    bidx = jnp.where(in_img, row_ids, b)  # rows not in image mode write a dropped index
-    latents = latents.at[bidx, jnp.minimum(s["images"], n_img - 1), cell].set(u_new, mode="drop")
+    if n_img:
+      bidx = jnp.where(in_img, row_ids, b)  # rows not in image mode write a dropped index
+      latents = latents.at[bidx, jnp.minimum(s["images"], n_img - 1), cell].set(u_new, mode="drop")
     stop = in_text & jnp.isin(tok, jnp.asarray(sp.stop_ids, jnp.int32))
     to_image = in_text & (tok == sp.vision_start)
     cell_next = jnp.where(in_img, cell + 1, jnp.where(to_image, 0, cell))
