@@ -59,6 +59,17 @@ def sample_settings(config: ml_collections.ConfigDict) -> dict:
           "understanding_noise": bool(get("understanding_noise", True))}
 
 
+def guidance_for(config: ml_collections.ConfigDict, settings: dict) -> Guidance:
+  """The request's Guidance; UserError for guidance on a model that never learnt the null prompt."""
+  g = Guidance(weight=settings["guidance"], rule=settings["guidance_rule"], anneal=settings["cfg_anneal"])
+  dropout = float(config.data.get("caption_dropout", 0.0))
+  if g.active and dropout <= 0:
+    raise UserError(f"guidance={g.weight} needs the null prompt, but this model was trained with "
+                    f"data.caption_dropout={dropout} (it never saw the null template); use guidance=0 "
+                    "or a model trained with caption dropout")
+  return g
+
+
 @dataclasses.dataclass
 class Generator:
   """A loaded STARFlow2 model: the Pretzel (`model`, `params`), the frozen VLM and FAE, the prompt
@@ -127,14 +138,6 @@ class Generator:
                       f"{size}x{size}")
     return images
 
-  def _guidance(self, s: dict) -> Guidance:
-    g = Guidance(weight=s["guidance"], rule=s["guidance_rule"], anneal=s["cfg_anneal"])
-    if g.active and float(self.config.data.get("caption_dropout", 0.0)) <= 0:
-      raise UserError(f"guidance={g.weight} needs the null prompt, but this model was trained with "
-                      f"data.caption_dropout={self.config.data.get('caption_dropout', 0.0)} (it never saw "
-                      "the null template); use guidance=0")
-    return g
-
   # -- a whole request ---------------------------------------------------------------------------
   def run(self, kind: str, texts: Sequence[str], images=None, seed: int = 0, **overrides) -> dict:
     """kind: one of prompts.KINDS; texts: one caption / question / prompt per conversation; images:
@@ -148,7 +151,7 @@ class Generator:
     s = self.settings(**overrides)
     if s["denoise"] not in decode.DENOISE:
       raise UserError(f"sample.denoise={s['denoise']!r}: expected one of {decode.DENOISE}")
-    g = self._guidance(s)
+    g = guidance_for(self.config, s)
     texts = list(texts)
     b = len(texts)
     key = jax.random.key(int(seed))
@@ -189,17 +192,17 @@ class Generator:
     for r in range(b):
       ids = res["tokens"][r][res["valid"][r]].tolist()
       out["generated_ids"].append(ids)
-      out["parts"].append(self.parts(ids))
+      out["parts"].append(self.parts(ids, in_image=rows[r][-1] == sp.vision_start))
       out["text"].append("".join(p for p in out["parts"][-1] if isinstance(p, str)))
     if jac is not None:
       out["jacobi_iters"] = [int(i) for i in res["jacobi_iters"] if i >= 0]
     return out
 
-  def parts(self, ids: Sequence[int]) -> list:
+  def parts(self, ids: Sequence[int], in_image: bool = False) -> list:
     """Generated ids -> the document: text pieces (str, specials dropped) and image indices (int), in
-    order."""
+    order. in_image: the prompt ended with <|vision_start|> (the ids begin with image 0's latents)."""
     sp = self.cfg.specials
-    parts, text, k, inside = [], [], 0, False
+    parts, text, k, inside = ([0], [], 1, True) if in_image else ([], [], 0, False)
     for i in list(ids) + [sp.vision_start]:
       if i == sp.vision_start:
         piece = self.builder.tk.decode(text, skip_special_tokens=True)
