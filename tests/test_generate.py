@@ -19,7 +19,7 @@ from starflow2_jax.flows.block import Affine, affine_from_raw
 from starflow2_jax.flows.guidance import Guidance
 from starflow2_jax.flows.sampling import Jacobi
 from starflow2_jax.generate import decode, loop, prompts
-from starflow2_jax.pretzel import model as pmodel
+from starflow2_jax.pretzel import loss as ploss, model as pmodel
 from starflow2_jax.pretzel.tokens import SpecialTokens
 from starflow2_jax.vlm import generate as vlm_generate
 from starflow2_jax.vlm.positions import mrope_positions
@@ -195,6 +195,30 @@ def test_shallow_inversion_inverts_shallow_forward(x64):
   xj, iters = jax.jit(functools.partial(decode.shallow_inverse, model,
                                         jacobi=Jacobi(4, -1.0, 3)))(params, u)
   assert tol(xj, x, 1e-10) and np.asarray(iters).shape == (cfg.shallow_blocks, pt.N // 4)
+
+
+def test_score_denoising_is_one_tweedie_step(x64):
+  """Property 25 on the tiny Pretzel (float64): the denoised x is x + sigma^2 grad log p(x | C), log p
+  the image's summed density (= -N D L_NF of the teacher-forced loss), the gradient equal to central
+  finite differences; the other image of the sequence is held fixed."""
+  cfg, model, vlm, params, vparams = pt.build(param_dtype="float64", dtype="float64")
+  params = pt.perturbed(params)
+  inputs = pt.inputs_of(pt.sequence([[[3, ("img", True), 2, ("img", True), 2]]], 48, 2))
+  x_all = pt.latents(1, 2, seed=5, dtype=jnp.float64)
+  u_all = jax.jit(lambda x: model.apply({"params": params}, x,
+                                        method=pmodel.Pretzel.shallow_forward)[0])(x_all)
+  logp = jax.jit(lambda x: decode.image_log_density(model, params, vlm, vparams, inputs, u_all, 1, x))
+  x = x_all[:, 1]
+  nll = jax.jit(lambda x: ploss.image_nll(pmodel.forward(model, params, vlm, vparams, inputs, x,
+                                                         "nf"))[:, 1])(x_all)
+  assert tol(logp(x), -pt.N * cfg.token_dim * nll, 1e-10)
+  den = jax.jit(lambda x: decode.score_denoise(model, params, vlm, vparams, inputs, u_all, 1, x))(x)
+  grad = (den - x) / cfg.noise_std ** 2
+  h = 1e-5
+  for n, c in ((0, 0), (7, 2), (15, 3)):
+    e = jnp.zeros_like(x).at[0, n, c].set(h)
+    fd = (logp(x + e) - logp(x - e))[0] / (2 * h)
+    assert abs(float(grad[0, n, c]) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd)))
 
 
 def test_stage3_start_greedy_text_equals_plain_vlm():
