@@ -182,9 +182,9 @@ def test_guided_halves_aligned(guided):
 
 
 def test_shallow_inversion_inverts_shallow_forward(x64):
-  """Property 37 (c), an exact identity (float64): shallow inversion (sequential, and Jacobi with
-  threshold < 0) then the shallow forward returns u. (In float32 the random blocks' small scales
-  amplify rounding to ~5e-5.)"""
+  """Property 37 (c), an exact identity (float64): shallow inversion then the shallow forward returns u.
+  (In float32 the random blocks' small scales amplify rounding to ~5e-5. The Jacobi inversion is the
+  flow core's `_invert_jacobi`, tested in test_flow_sampling and run by test_sample_starflow2.)"""
   cfg, model, _, params, _ = pt.build(param_dtype="float64", dtype="float64")
   params = pt.perturbed(params)
   u = jax.random.normal(jax.random.key(3), (3, pt.N, cfg.token_dim), jnp.float64)
@@ -192,11 +192,9 @@ def test_shallow_inversion_inverts_shallow_forward(x64):
                                          method=pmodel.Pretzel.shallow_forward)[0][:, 0])
   x, _ = jax.jit(functools.partial(decode.shallow_inverse, model))(params, u)
   assert x.dtype == jnp.float64 and tol(fwd(params, x), u, 1e-10)
-  xj, iters = jax.jit(functools.partial(decode.shallow_inverse, model,
-                                        jacobi=Jacobi(4, -1.0, 3)))(params, u)
-  assert tol(xj, x, 1e-10) and np.asarray(iters).shape == (cfg.shallow_blocks, pt.N // 4)
 
 
+@pytest.mark.slow
 def test_score_denoising_is_one_tweedie_step(x64):
   """Property 25 on the tiny Pretzel (float64): the denoised x is x + sigma^2 grad log p(x | C), log p
   the image's summed density (= -N D L_NF of the teacher-forced loss), the gradient equal to central

@@ -48,12 +48,14 @@ def sample_settings(config: ml_collections.ConfigDict) -> dict:
   """config.sample with the defaults of the module docstring."""
   s = config.get("sample", ml_collections.ConfigDict())
   get = lambda k, d: s.get(k, d) if s.get(k, None) is not None else d  # noqa: E731
-  return {"guidance": float(get("guidance", 0.0)), "guidance_rule": get("guidance_rule", "") or "gaussian",
+  return {"guidance": float(get("guidance", 0.0)),
+          "guidance_rule": get("guidance_rule", "") or "gaussian",
           "cfg_anneal": bool(get("cfg_anneal", False)), "temperature": float(get("temperature", 1.0)),
           "text_temperature": float(get("text_temperature", 0.0)), "top_p": float(get("top_p", 1.0)),
           "max_new_tokens": int(get("max_new_tokens", 512)),
           "cache_len": int(get("cache_len", config.data.max_len)),
-          "jacobi_block": int(get("jacobi_block", 0)), "jacobi_threshold": float(get("jacobi_threshold", 1e-3)),
+          "jacobi_block": int(get("jacobi_block", 0)),
+          "jacobi_threshold": float(get("jacobi_threshold", 1e-3)),
           "jacobi_max_iter": int(get("jacobi_max_iter", 32)),
           "jacobi_exact_cache": bool(get("jacobi_exact_cache", True)), "denoise": get("denoise", "score"),
           "understanding_noise": bool(get("understanding_noise", True))}

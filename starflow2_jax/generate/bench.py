@@ -63,7 +63,8 @@ def measure(gen: Generator, batch: int, repeats: int, text_tokens: int, jacobi: 
                                                  text_tokens), cfg.token_dim)
   # greedy text; a row may stop early at a stop id, so the figure counts the tokens produced
   g = loop.GenerateConfig(specials=sp, max_new_tokens=text_tokens, max_images=0)
-  run = lambda: loop.jitted_generate(gen.model, gen.vlm, g, gen.params, gen.vlm_params, txt, key, batch)  # noqa
+  run = lambda: loop.jitted_generate(gen.model, gen.vlm, g, gen.params, gen.vlm_params, txt,  # noqa
+                                     key, batch)
   produced = int(np.sum(np.asarray(run()["lengths"])))
   out["text_tokens"] = produced
   out["text_tokens_per_s"] = produced / _median_seconds(run, repeats)

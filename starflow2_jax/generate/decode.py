@@ -81,7 +81,8 @@ def score_denoise(model: Pretzel, params, vlm, vlm_params, inputs: dict, u_all, 
   """One Tweedie step on image `slot`: x [B, N, D] -> x + sigma_n^2 grad_x log p(x | C) (rows
   independent: the gradient of the sum over rows is each row's own)."""
   sigma = model.cfg.noise_std if noise_std is None else noise_std
-  total = lambda x: jnp.sum(image_log_density(model, params, vlm, vlm_params, inputs, u_all, slot, x))  # noqa: E731
+  def total(x):
+    return jnp.sum(image_log_density(model, params, vlm, vlm_params, inputs, u_all, slot, x))
   return x + sigma ** 2 * jax.grad(total)(x)
 
 
