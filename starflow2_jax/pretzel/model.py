@@ -224,7 +224,7 @@ def _vlm(vlm: Qwen2_5_VL, vlm_params, inputs: dict, embeds_flat, image_index, ta
   """The frozen VLM on the first `prefix` positions (0: all) -> (y_vlm [B, L, d_v], {i: h^(i)}),
   padded with zeros past the prefix."""
   length = inputs["tokens"].shape[1]
-  n = prefix or length
+  n = min(prefix, length) if prefix else length
   cut = lambda a: a[:, :n]  # noqa: E731
   out = vlm.apply({"params": vlm_params}, cut(inputs["tokens"]), positions=cut(inputs["positions"]),
                   image_embeds=embeds_flat, image_index=cut(image_index), taps=taps,
