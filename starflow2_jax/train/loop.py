@@ -7,8 +7,9 @@
   WORKDIR/samples/       sample grids, samples_<step>.png
   WORKDIR/config*.json   the config of each start (never overwritten)
   WORKDIR/eval_<step>.json  held-out metrics at the end of a run
-  WORKDIR/params_<step>/ the final parameters (the EMA when there is one) as a `starflow2_jax.ckpt`
-                         parameter checkpoint with its config: `launch.sample --checkpoint=` reads it
+  WORKDIR/params_<step>/ the final parameters (the EMA when there is one; the task's `export_fn` tree
+                         when it has one) as a `starflow2_jax.ckpt` parameter checkpoint with its
+                         config: `launch.sample --checkpoint=` reads it
 """
 from __future__ import annotations
 
