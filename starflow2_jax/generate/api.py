@@ -98,11 +98,14 @@ class Generator:
     """From an experiment config; load_params(abstract tree) -> params (None: the seeded init)."""
     mesh = parallel.make_mesh({"shape": {"data": 1, "fsdp": 1, "tensor": 1}}, jax.devices()[:1])
     rules = parallel.logical_rules(config)
-    rng = jax.random.key(int(config.train.seed))
+    seed = int(config.train.seed)
+    rng = jax.random.key(seed)
     tk_path = pretzel_task.tokenizer_path(config.tokenizer)
     tokenizer = tok_lib.load_tokenizer(tk_path)
-    vlm, vlm_params, qcfg = pretzel_task.frozen_vlm(config, mesh, rules, jax.random.fold_in(rng, 1))
-    fae, fae_params = pretzel_task.frozen_fae(config, mesh, rules, jax.random.fold_in(rng, 2))
+    # the seeds `pretzel_task.build` gives the random stand-ins of tiny configs
+    vlm, vlm_params, qcfg = pretzel_task.frozen_vlm(config, mesh, rules,
+                                                    [seed, pretzel_task._VLM_STREAM])
+    fae, fae_params = pretzel_task.frozen_fae(config, mesh, rules, [seed, pretzel_task._FAE_STREAM])
     cfg = pconfig.from_config(config, vlm=qcfg, latent_grid=fae.grid, latent_channels=fae.channels,
                               text_vocab=tokenizer.get_vocab_size(with_added_tokens=True),
                               specials=special_tokens(tokenizer))
