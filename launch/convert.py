@@ -4,6 +4,8 @@
       --out=/ckpt/qwen2_5_vl_7b [--config=configs/qwen2_5_vl_7b.py] [--dtype=bfloat16]
   python -m launch.convert --from=tarflow_torch --checkpoint=afhq_model_8_768_8_8_0.07.pth \
       --out=/ckpt/tarflow_afhq256 [--image_size=256] [--patch_size=8] [--config=configs/tarflow_afhq256.py]
+  python -m launch.convert --from=pytorch_fid_inception \
+      --checkpoint=pt_inception-2015-12-05-6726825d.pth --out=/ckpt/inception_fid
 
 --config (optional) names the expected model: a mismatch with the source's own shapes is an error.
 """
@@ -11,10 +13,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from starflow2_jax import entry
-from starflow2_jax.convert import hf_qwen2_5_vl, tarflow_torch
+from starflow2_jax.convert import hf_qwen2_5_vl, pytorch_fid_inception, tarflow_torch
 from starflow2_jax.errors import UserError
 
-flags.DEFINE_enum("from", None, ["hf_qwen2_5_vl", "tarflow_torch"], "Source format of --checkpoint.")
+flags.DEFINE_enum("from", None, ["hf_qwen2_5_vl", "tarflow_torch", "pytorch_fid_inception"],
+                  "Source format of --checkpoint.")
 flags.DEFINE_string("checkpoint", None, "Source checkpoint (file or directory).")
 flags.DEFINE_string("out", None, "New directory to write the converted checkpoint to.")
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
@@ -32,6 +35,7 @@ CONVERTERS = {
     "tarflow_torch": lambda: tarflow_torch.convert(
         FLAGS.checkpoint, FLAGS.out, image_size=FLAGS.image_size, patch_size=FLAGS.patch_size,
         expected=FLAGS.config),
+    "pytorch_fid_inception": lambda: pytorch_fid_inception.convert(FLAGS.checkpoint, FLAGS.out),
 }
 
 
