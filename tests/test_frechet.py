@@ -76,3 +76,15 @@ def test_statistics_files_round_trip_and_errors(tmp_path):
     frechet.load_statistics(str(tmp_path / "bad.npz"))
   with pytest.raises(UserError, match=r"sigma2 must have shape \[4, 4\].*same network"):
     frechet.frechet_distance(mu, sigma, mu, np.eye(3))
+
+
+@pytest.mark.parametrize("n", [5, 40])  # fewer samples than features (the N x N path), and more
+def test_distance_to_features_equals_the_statistics_form(n):
+  rng = np.random.default_rng(6)
+  feats = rng.normal(size=(n, 16)) * rng.uniform(0.5, 2, 16)
+  mu_ref, sigma_ref = frechet.statistics(rng.normal(size=(60, 16)) + 0.3)
+  want = frechet.frechet_distance(*frechet.statistics(feats), mu_ref, sigma_ref)
+  # the F x F form carries ~1e-8 round-off from the singular sample covariance's null space
+  assert frechet.frechet_distance_to_features(feats, mu_ref, sigma_ref) == pytest.approx(want, rel=1e-7)
+  mu, sigma = frechet.statistics(feats)
+  assert abs(frechet.frechet_distance_to_features(feats, mu, sigma)) < 1e-7 * np.trace(sigma)

@@ -49,6 +49,29 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
+def frechet_distance_to_features(features, mu_ref, sigma_ref) -> float:
+  """`frechet_distance(*statistics(features), mu_ref, sigma_ref)` without forming the sample
+  covariance when there are fewer samples than features: with Y = (features - mean) / sqrt(N - 1)
+  [N, F], the non-zero eigenvalues of S Sref = Y^T Y Sref are those of the symmetric PSD Y Sref Y^T
+  [N, N], so tr((S Sref)^(1/2)) costs an N x N eigendecomposition instead of two F x F ones."""
+  x = np.asarray(features, np.float64)
+  if x.ndim != 2 or x.shape[0] < 2:
+    raise UserError(f"statistics need features [N >= 2, F], found shape {list(x.shape)}")
+  n, f = x.shape
+  if n - 1 >= f:
+    return frechet_distance(*statistics(x), mu_ref, sigma_ref)
+  mu = x.mean(axis=0)
+  mu_ref, sigma_ref = np.asarray(mu_ref, np.float64), np.asarray(sigma_ref, np.float64)
+  if mu_ref.shape != (f,) or sigma_ref.shape != (f, f):
+    raise UserError(f"reference statistics of {list(mu_ref.shape)} features do not match samples of "
+                    f"{f} features: are both from the same network?")
+  y = (x - mu) / np.sqrt(n - 1)
+  inner = np.linalg.eigvalsh(_symmetrise(y @ sigma_ref @ y.T))
+  trace_sqrt = float(np.sum(np.sqrt(np.clip(inner, 0.0, None))))
+  diff = mu - mu_ref
+  return float(diff @ diff + np.sum(y * y) + np.trace(sigma_ref) - 2.0 * trace_sqrt)
+
+
 def statistics(features) -> tuple[np.ndarray, np.ndarray]:
   """features [N, F] -> (mu [F], sigma [F, F]) in float64, sigma unbiased (N >= 2)."""
   x = np.asarray(features, np.float64)
