@@ -19,6 +19,8 @@ Results go to OUT/evaluate_<metric>.json (OUT: --out, else the checkpoint direct
 --samples / --answers; an existing file is kept and a new evaluate_<metric>.<n>.json written) and to
 OUT/tensorboard_eval/. Evaluation is data parallel over every device of every process.
 """
+import os
+
 import numpy as np
 from absl import flags
 
