@@ -4,7 +4,9 @@
   python -m launch.evaluate --checkpoint=WORKDIR_OR_PARAMS_DIR --metric=bpd [--num_examples=N]
   # latent NLL (nats/dim) of a latent flow on encoded held-out latents [N, h, w, C]
   python -m launch.evaluate --checkpoint=DIR --metric=nll --latents=heldout_latents.npy
-  # FID: reference statistics of real images, then samples of a flow (or a PNG folder) against them
+  # FID: reference statistics of real images, then samples of a flow (or a PNG folder) against them;
+  # FD-DINOv2 the same with --metric=fd_dinov2 --dinov2=DIR (launch.convert --from=hf_dinov2
+  # --input_size=224) and --dinov2_ref_stats=FILE.npz in place of --ref_stats
   python -m launch.evaluate --metric=fid --inception=/ckpt/inception_fid --images=REAL_DIR \
       --save_stats=ref.npz
   python -m launch.evaluate --checkpoint=DIR --metric=fid --inception=/ckpt/inception_fid \
@@ -36,6 +38,7 @@ flags.DEFINE_integer("num_samples", 0, "fid: samples drawn from --checkpoint.")
 flags.DEFINE_string("ref_stats", None, "fid: reference statistics .npz (mu, sigma; pytorch-fid format).")
 flags.DEFINE_string("inception", None, "fid: converted FID Inception checkpoint directory.")
 flags.DEFINE_string("dinov2", None, "fd_dinov2: converted DINOv2 checkpoint directory.")
+flags.DEFINE_string("dinov2_ref_stats", None, "fd_dinov2: reference statistics .npz of DINOv2 features.")
 flags.DEFINE_string("samples", None, "fid: a folder of PNGs; shapes: PNGs + prompts.jsonl.")
 flags.DEFINE_string("images", None, "fid: a folder of real images whose statistics --save_stats writes.")
 flags.DEFINE_string("save_stats", None, "fid: write the statistics of --images to this new .npz.")
@@ -73,24 +76,22 @@ def run_nll() -> dict:
   return metrics.latent_nll(_checkpoint("nll"), np.load(FLAGS.latents), batch_size=FLAGS.batch_size)
 
 
-def run_fid() -> dict:
+def _frechet(metric: str, network: str, network_dir: str | None, ref_stats: str | None) -> dict:
   if FLAGS.save_stats:
     if not FLAGS.images:
       raise UserError("--save_stats writes the statistics of real images: pass --images=DIR")
-    feats = metrics.folder_features(FLAGS.images, FLAGS.inception, batch_size=FLAGS.batch_size)
+    feats = metrics.folder_features(network, FLAGS.images, network_dir, batch_size=FLAGS.batch_size)
     return {"stats": frechet.save_statistics(FLAGS.save_stats, *frechet.statistics(feats)),
-            "num": len(feats), "images": os.path.abspath(FLAGS.images)}
-  checkpoint = None if FLAGS.samples else _checkpoint("fid")
-  return metrics.fid(ref_stats=FLAGS.ref_stats, inception_dir=FLAGS.inception, samples=FLAGS.samples,
-                     checkpoint=checkpoint, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
-                     seed=FLAGS.seed)
+            "num": len(feats), "images": os.path.abspath(FLAGS.images), "network": network}
+  flow = None if FLAGS.samples else _checkpoint(metric)
+  return metrics.frechet_metric(network, ref_stats=ref_stats, checkpoint_dir=network_dir,
+                                samples=FLAGS.samples, flow=flow, num_samples=FLAGS.num_samples,
+                                batch_size=FLAGS.batch_size, seed=FLAGS.seed)
 
 
-def run_fd_dinov2() -> dict:
-  return metrics.fd_dinov2(dinov2_dir=FLAGS.dinov2)
-
-
-RUNNERS = {"bpd": run_bpd, "nll": run_nll, "fid": run_fid, "fd_dinov2": run_fd_dinov2,
+RUNNERS = {"bpd": run_bpd, "nll": run_nll,
+           "fid": lambda: _frechet("fid", "inception", FLAGS.inception, FLAGS.ref_stats),
+           "fd_dinov2": lambda: _frechet("fd_dinov2", "dinov2", FLAGS.dinov2, FLAGS.dinov2_ref_stats),
            "shapes": lambda: metrics.shapes_prompt_following(FLAGS.samples),
            "qa": lambda: metrics.shapes_qa(FLAGS.answers)}
 
@@ -99,12 +100,14 @@ def _all_metrics() -> dict:
   """Every metric whose inputs are given; the others are listed under "skipped" with the reason."""
   chosen = {"nll" if FLAGS.latents else "bpd": bool(FLAGS.checkpoint),
             "fid": bool(FLAGS.ref_stats and FLAGS.inception and (FLAGS.samples or FLAGS.num_samples)),
-            "fd_dinov2": bool(FLAGS.dinov2),
+            "fd_dinov2": bool(FLAGS.dinov2_ref_stats and FLAGS.dinov2 and (FLAGS.samples or
+                                                                          FLAGS.num_samples)),
             "shapes": bool(FLAGS.samples and os.path.isfile(os.path.join(FLAGS.samples,
                                                                          metrics.PROMPTS_FILE))),
             "qa": bool(FLAGS.answers)}
   needs = {"bpd": "--checkpoint", "nll": "--checkpoint", "fid": "--ref_stats, --inception and "
-           "--samples or --num_samples", "fd_dinov2": "--dinov2",
+           "--samples or --num_samples", "fd_dinov2": "--dinov2_ref_stats, --dinov2 and "
+           "--samples or --num_samples",
            "shapes": f"--samples with {metrics.PROMPTS_FILE}", "qa": "--answers"}
   results = {name: RUNNERS[name]() for name, ok in chosen.items() if ok}
   if not results:

@@ -11,6 +11,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flow_utils import randomize_heads
@@ -118,8 +119,8 @@ def test_fid_of_a_folder_against_itself_is_zero_and_of_flow_samples(tmp_path, in
                                                                      flow_checkpoint, one_device):
   real = np.stack([np.repeat(DigitsSource("test", 16, 1)[i]["image"], 3, -1) for i in range(2)])
   _write_pngs(tmp_path / "real", real)
-  feats = metrics.folder_features(str(tmp_path / "real"), inception_dir, batch_size=2, mesh=one_device,
-                                  progress=False)
+  feats = metrics.folder_features("inception", str(tmp_path / "real"), inception_dir, batch_size=2,
+                                  mesh=one_device, progress=False)
   assert feats.shape == (2, inception.FEATURE_DIM)
   mu, sigma = frechet.statistics(feats)
   stats = frechet.save_statistics(str(tmp_path / "ref.npz"), mu, sigma)
@@ -131,8 +132,30 @@ def test_fid_of_a_folder_against_itself_is_zero_and_of_flow_samples(tmp_path, in
   assert drawn["num"] == 2 and drawn["fid"] > 1e-3 * np.trace(sigma)
   with pytest.raises(UserError, match="pt_inception-2015-12-05-6726825d.pth --out=DIR, then pass "):
     metrics.fid(ref_stats=stats, inception_dir=None, samples=str(tmp_path / "real"))
-  with pytest.raises(UserError, match="FID needs reference statistics: pass --ref_stats"):
+  with pytest.raises(UserError, match="fid needs reference statistics: pass --ref_stats"):
     metrics.fid(ref_stats=None, inception_dir=inception_dir, samples=str(tmp_path / "real"))
+
+
+def test_fd_dinov2_of_a_folder_against_itself_is_zero(tmp_path, one_device):
+  """A tiny random DINOv2 (the FAE package's port) saved as a converted checkpoint."""
+  from starflow2_jax.fae import dinov2
+  cfg = dinov2.Dinov2Config(hidden_size=32, num_layers=1, num_heads=2, patch_size=8, image_size=16)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32),
+                        nn.unbox(dinov2.abstract_params(cfg)))
+  path = ckpt.save_params(str(tmp_path / "dinov2"), params, ml_collections.ConfigDict(
+      {"model_kind": dinov2.MODEL_KIND, "model": cfg.to_dict()}))
+  images = np.stack([ShapesWorldSource("test", 24, 4, 0)[i]["image"] for i in range(4)])
+  _write_pngs(tmp_path / "real", images)
+  feats = metrics.folder_features("dinov2", str(tmp_path / "real"), path, batch_size=4, mesh=one_device,
+                                  progress=False)
+  assert feats.shape == (4, 32)
+  stats = frechet.save_statistics(str(tmp_path / "d.npz"), *frechet.statistics(feats))
+  same = metrics.fd_dinov2(ref_stats=stats, dinov2_dir=path, samples=str(tmp_path / "real"), batch_size=4,
+                           mesh=one_device, progress=False)
+  assert abs(same["fd_dinov2"]) < 1e-7 * np.trace(np.cov(feats, rowvar=False))
+  with pytest.raises(UserError, match="--from=hf_dinov2 .*--dinov2=DIR"):
+    metrics.fd_dinov2(ref_stats=stats, dinov2_dir=None, samples=str(tmp_path / "real"))
 
 
 def test_shapes_and_qa_proxies_and_bad_files(tmp_path):

@@ -6,8 +6,8 @@
                    flips, no labels (a class-conditional model gets label -1: the mean class embedding).
   latent_nll       latent flows: NLL in nats/dim of given latents [N, h, w, C] (continuous, no
                    dequantisation and no bin constant): L + 0.5 log 2 pi. Never reported as bits/dim.
-  frechet          FID / FD of images (a PNG folder, or samples drawn from a flow checkpoint) against
-                   reference statistics, features from the FID Inception; and writing reference stats.
+  frechet_metric   FID (FID Inception pool features) or FD-DINOv2 (DINOv2 CLS token) of images (a PNG
+                   folder, or samples drawn from a flow checkpoint) against reference statistics.
   shapes_prompt_following / shapes_qa   the ShapesWorld proxies on a folder of generated PNGs with
                    prompts.jsonl, and on a QA answers jsonl (the demo's eval/t2i and eval/qa.jsonl).
 
@@ -191,35 +191,54 @@ def _image_batches(files: list[str], batch_size: int) -> Iterator[dict]:
 
 
 # -- Frechet distances --------------------------------------------------------------------------------
+NETWORKS = ("inception", "dinov2")  # the feature networks of FID and FD-DINOv2
+
+
 @functools.lru_cache(maxsize=2)
-def _inception_fn(inception_dir: str | None):
-  """The jitted batch -> {"features"} of a converted Inception checkpoint (one per directory, so
-  repeated evaluations in one process compile once)."""
-  if not inception_dir:
-    raise UserError("FID needs the FID Inception network: convert pytorch-fid's weights with python -m "
-                    "launch.convert --from=pytorch_fid_inception --checkpoint="
-                    "pt_inception-2015-12-05-6726825d.pth --out=DIR, then pass --inception=DIR")
-  model, variables = inception.load_inception(inception_dir)
-  variables = jax.device_put(variables)
+def _feature_fn(network: str, checkpoint: str | None, mesh: jax.sharding.Mesh):
+  """The jitted uint8 batch {"image": [b, H, W, 3]} -> {"features": [b, F]} of a converted network
+  (one per network and directory, so repeated evaluations in one process compile once):
+  inception: the FID Inception's 2048-d pool features of pixels / 255;
+  dinov2: the final-normed CLS token of DINOv2 at its converted input size (bicubic resize,
+  ImageNet normalisation), the representation of FD-DINOv2 (Stein et al. 2023; their encoder is
+  ViT-L/14 at 224 x 224: convert with --input_size=224)."""
+  if network == "inception":
+    if not checkpoint:
+      raise UserError("FID needs the FID Inception network: convert pytorch-fid's weights with python -m "
+                      "launch.convert --from=pytorch_fid_inception --checkpoint="
+                      "pt_inception-2015-12-05-6726825d.pth --out=DIR, then pass --inception=DIR")
+    model, variables = inception.load_inception(checkpoint)
+    variables = jax.device_put(variables)
+
+    @jax.jit
+    def features(batch):
+      return {"features": model.apply(variables, batch["image"].astype(jnp.float32) / 255.0)}
+    return features
+  if not checkpoint:
+    raise UserError("FD-DINOv2 needs a converted DINOv2: python -m launch.convert --from=hf_dinov2 "
+                    "--checkpoint=HF_DINOV2_DIR --out=DIR --input_size=224, then pass --dinov2=DIR")
+  from starflow2_jax.fae import dinov2  # the FAE package's DINOv2 port
+  model, params, cfg = dinov2.load_dinov2(checkpoint, mesh)
 
   @jax.jit
-  def features(batch):
-    return {"features": model.apply(variables, batch["image"].astype(jnp.float32) / 255.0)}
-  return features
+  def cls_features(batch):
+    return {"features": dinov2.features(model, params, dinov2.preprocess(batch["image"], cfg))[:, 0]}
+  return cls_features
 
 
-def inception_features(inception_dir: str | None, batches: Iterable[dict], total: int, *,
-                       mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> np.ndarray:
-  """Pool features [total, 2048] of uint8 image batches {"image": [b, H, W, 3]}."""
-  fn = _inception_fn(inception_dir)
-  return sharded_map(fn, batches, total, mesh or eval_mesh(), "features" if progress else "")["features"]
+def network_features(network: str, checkpoint: str | None, batches: Iterable[dict], total: int, *,
+                     mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> np.ndarray:
+  """Features [total, F] of uint8 image batches {"image": [b, H, W, 3]} (`_feature_fn`)."""
+  mesh = mesh or eval_mesh()
+  fn = _feature_fn(network, checkpoint, mesh)
+  return sharded_map(fn, batches, total, mesh, network if progress else "")["features"]
 
 
-def folder_features(folder: str, inception_dir: str | None, *, batch_size: int = 50,
+def folder_features(network: str, folder: str, checkpoint: str | None, *, batch_size: int = 50,
                     mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> np.ndarray:
   files = image_files(folder)
-  return inception_features(inception_dir, _image_batches(files, batch_size), len(files), mesh=mesh,
-                            progress=progress)
+  return network_features(network, checkpoint, _image_batches(files, batch_size), len(files),
+                          mesh=mesh, progress=progress)
 
 
 def flow_sample_batches(checkpoint: str, num: int, batch_size: int, seed: int,
@@ -252,37 +271,46 @@ def flow_sample_batches(checkpoint: str, num: int, batch_size: int, seed: int,
     yield {"image": np.repeat(img, 3, axis=-1) if cfg.channels == 1 else img}
 
 
-def fid(*, ref_stats: str | None, inception_dir: str | None, samples: str | None = None,
-        checkpoint: str | None = None, num_samples: int = 0, batch_size: int = 50, seed: int = 0,
-        mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict:
-  """FID of a PNG folder (`samples`) or of `num_samples` samples of a flow checkpoint vs `ref_stats`."""
+def frechet_metric(network: str, *, ref_stats: str | None, checkpoint_dir: str | None,
+                   samples: str | None = None, flow: str | None = None, num_samples: int = 0,
+                   batch_size: int = 50, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                   progress: bool = True) -> dict:
+  """FID (network "inception") or FD-DINOv2 ("dinov2") of a PNG folder (`samples`) or of
+  `num_samples` samples of the flow checkpoint `flow`, against `ref_stats`."""
+  name = {"inception": "fid", "dinov2": "fd_dinov2"}[network]
   if not ref_stats:
-    raise UserError("FID needs reference statistics: pass --ref_stats=FILE.npz (pytorch-fid's format; "
-                    "write them with --metric=fid --images=DIR --save_stats=FILE.npz)")
+    flag = {"inception": "--ref_stats", "dinov2": "--dinov2_ref_stats"}[network]
+    raise UserError(f"{name} needs reference statistics: pass {flag}=FILE.npz (pytorch-fid's format; "
+                    f"write them with --metric={name} --images=DIR --save_stats=FILE.npz)")
   ref_mu, ref_sigma = frechet.load_statistics(ref_stats)
   mesh = mesh or eval_mesh()
   if samples:
-    feats = folder_features(samples, inception_dir, batch_size=batch_size, mesh=mesh, progress=progress)
+    feats = folder_features(network, samples, checkpoint_dir, batch_size=batch_size, mesh=mesh,
+                            progress=progress)
     source = os.path.abspath(samples)
   else:
     if not num_samples or num_samples < 2:
-      raise UserError(f"FID of a flow checkpoint needs --num_samples >= 2 (50000 for the paper's FID), "
-                      f"got {num_samples}")
-    batches = flow_sample_batches(checkpoint, num_samples, batch_size, seed, mesh)
-    feats = inception_features(inception_dir, batches, num_samples, mesh=mesh, progress=progress)
-    source = f"samples of {checkpoint} (seed {seed})"
-  return {"fid": frechet.frechet_distance_to_features(feats, ref_mu, ref_sigma), "num": len(feats),
+      raise UserError(f"{name} of a flow checkpoint needs --num_samples >= 2 (50000 for the paper's "
+                      f"FID), got {num_samples}")
+    batches = flow_sample_batches(flow, num_samples, batch_size, seed, mesh)
+    feats = network_features(network, checkpoint_dir, batches, num_samples, mesh=mesh, progress=progress)
+    source = f"samples of {flow} (seed {seed})"
+  return {name: frechet.frechet_distance_to_features(feats, ref_mu, ref_sigma), "num": len(feats),
           "samples": source, "ref_stats": os.path.abspath(ref_stats)}
 
 
-def fd_dinov2(**_) -> dict:
-  """FD-DINOv2 needs the DINOv2 port of the FAE package (starflow2_jax.fae.dinov2)."""
-  try:
-    from starflow2_jax.fae import dinov2  # noqa: F401
-  except ImportError as e:
-    raise UserError("--metric=fd_dinov2 needs the FAE package's DINOv2 (starflow2_jax/fae/dinov2.py), "
-                    "which this installation does not have") from e
-  raise UserError("--metric=fd_dinov2 is not wired to starflow2_jax.fae.dinov2 in this version")
+def fid(*, ref_stats: str | None, inception_dir: str | None, samples: str | None = None,
+        checkpoint: str | None = None, **kw) -> dict:
+  """FID with the FID Inception (`frechet_metric`)."""
+  return frechet_metric("inception", ref_stats=ref_stats, checkpoint_dir=inception_dir, samples=samples,
+                        flow=checkpoint, **kw)
+
+
+def fd_dinov2(*, ref_stats: str | None, dinov2_dir: str | None, samples: str | None = None,
+              checkpoint: str | None = None, **kw) -> dict:
+  """FD-DINOv2 with a converted DINOv2 (`frechet_metric`)."""
+  return frechet_metric("dinov2", ref_stats=ref_stats, checkpoint_dir=dinov2_dir, samples=samples,
+                        flow=checkpoint, **kw)
 
 
 # -- ShapesWorld proxies ------------------------------------------------------------------------------
