@@ -13,7 +13,8 @@ ends with one summary table of the headline figures and writes every figure to -
   strategies  per-block sampling strategies (GS-Jacobi, arXiv 2505.12849) on the AFHQ-shaped
             class-conditional TarFlow (--strategies_image px, patch --strategies_patch,
             --strategies_blocks blocks of --strategies_layers layers, --strategies_width wide,
-            random proj_out ~ N(0, --strategies_head_std^2)): sequential, plain Jacobi (one segment
+            random proj_out ~ N(0, --strategies_head_std^2), the noise-side block's optionally
+            ~ N(0, --strategies_slow_block_std^2)): sequential, plain Jacobi (one segment
             of all tokens), GS-Jacobi segments of --jacobi_block tokens, and per-block (a calibration
             run ranks the blocks by Jacobi iterations, `flows.rank_blocks`; those above
             --sequential_above are sampled sequentially, the rest in segments). Speed-ups over
@@ -98,6 +99,10 @@ _STRAT_LAYERS = flags.DEFINE_integer("strategies_layers", 8, "strategies: layers
 _STRAT_WIDTH = flags.DEFINE_integer("strategies_width", 128, "strategies: width (AFHQ: 768)")
 _STRAT_HEAD_STD = flags.DEFINE_float("strategies_head_std", 0.01, "strategies: proj_out kernels ~ "
                                      "N(0, std^2) (the production init is zero: an identity flow)")
+_SLOW_STD = flags.DEFINE_float("strategies_slow_block_std", 0.0, "strategies: proj_out std of the "
+                               "noise-side block alone (0: --strategies_head_std); a larger value makes "
+                               "that block converge slowly under Jacobi, as the first-inverted block of "
+                               "trained TarFlows does (GS-Jacobi, arXiv 2505.12849)")
 _SEQ_ABOVE = flags.DEFINE_float("sequential_above", 0.5, "strategies: a block whose Jacobi needs more "
                                 "than this fraction of --jacobi_max_iter per chunk is sampled "
                                 "sequentially")
@@ -162,6 +167,7 @@ class Settings:
   strategies_layers: int = 8
   strategies_width: int = 128
   strategies_head_std: float = 0.01
+  strategies_slow_block_std: float = 0.0
   sequential_above: float = 0.5
   flops_widths: tuple[int, ...] = (256, 512, 1024)
   flops_batch: int = 4
@@ -398,6 +404,10 @@ def bench_strategies(s: Settings) -> dict:
   cfg = strategies_config(s)
   model, variables, z, labels = build_model(cfg, s.batch, s.seed)
   variables = randomise_heads(variables, s.strategies_head_std, s.seed + 2)
+  if s.strategies_slow_block_std:
+    deep = f"blocks_{cfg.num_blocks - 1}"
+    variables["params"][deep] = randomise_heads(variables["params"][deep], s.strategies_slow_block_std,
+                                                s.seed + 3)
   common = dict(threshold=s.jacobi_threshold, max_iter=s.jacobi_max_iter)
   segments = flows.Jacobi(block_size=s.jacobi_block, **common)
   plain = flows.Jacobi(block_size=cfg.num_tokens, **common)
@@ -414,7 +424,9 @@ def bench_strategies(s: Settings) -> dict:
   print(f"\n[strategies] AFHQ-shaped TarFlow: {s.strategies_image} px, patch {s.strategies_patch} "
         f"({cfg.num_tokens} tokens x {cfg.token_dim}), {cfg.num_blocks} blocks x "
         f"{s.strategies_layers} layers, width {cfg.width}, batch {s.batch}, proj_out ~ "
-        f"N(0, {s.strategies_head_std:g}^2); threshold {s.jacobi_threshold:g}, max_iter "
+        f"N(0, {s.strategies_head_std:g}^2)"
+        + (f" (noise-side block N(0, {s.strategies_slow_block_std:g}^2))" if s.strategies_slow_block_std
+           else "") + f"; threshold {s.jacobi_threshold:g}, max_iter "
         f"{s.jacobi_max_iter}, segments of {segments.block_size}")
   print(f"  ranking (fraction of max_iter per segment, data side first): "
         f"{', '.join(f'{r:.2f}' for r in ranks)} (calibration run {calibrate_s:.1f} s incl. compile)"
@@ -863,6 +875,7 @@ def settings_from_flags() -> Settings:
   kw = dict(parts=tuple(_PARTS.value), dtype=_DTYPE.value, seed=_SEED.value,
             jacobi_threshold=_JACOBI_THRESHOLD.value, jacobi_max_iter=_JACOBI_MAX_ITER.value,
             head_std=_HEAD_STD.value, strategies_head_std=_STRAT_HEAD_STD.value,
+            strategies_slow_block_std=_SLOW_STD.value,
             sequential_above=_SEQ_ABOVE.value, reference_tarflow=_REFERENCE.value, guidance=_GUIDANCE.value,
             ref_before=_REF_BEFORE.value, ref_head_std=_REF_HEAD_STD.value)
   if _QUICK.value:
