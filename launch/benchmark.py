@@ -421,6 +421,7 @@ def bench_strategies(s: Settings) -> dict:
                               z, labels, warmup=False) for name, j in variants.items()}
   t, out = time_calls(calls, s.repeats)
   seq_x = out["sequential"][0]
+  finite = bool(np.all(np.isfinite(np.asarray(seq_x))))
   print(f"\n[strategies] AFHQ-shaped TarFlow: {s.strategies_image} px, patch {s.strategies_patch} "
         f"({cfg.num_tokens} tokens x {cfg.token_dim}), {cfg.num_blocks} blocks x "
         f"{s.strategies_layers} layers, width {cfg.width}, batch {s.batch}, proj_out ~ "
@@ -431,8 +432,11 @@ def bench_strategies(s: Settings) -> dict:
   print(f"  ranking (fraction of max_iter per segment, data side first): "
         f"{', '.join(f'{r:.2f}' for r in ranks)} (calibration run {calibrate_s:.1f} s incl. compile)"
         f"; per-block: {['seq' if m is None else 'jacobi' for m in mixed]}")
+  if not finite:  # exp-scale TarFlow heads too large: every comparison below would be meaningless
+    print("  WARNING: the sequential sample is not finite; lower --strategies_head_std / "
+          "--strategies_slow_block_std")
   figures = {"config": {"tokens": cfg.num_tokens, "token_dim": cfg.token_dim, "blocks": cfg.num_blocks,
-                        "layers": s.strategies_layers, "width": cfg.width},
+                        "layers": s.strategies_layers, "width": cfg.width}, "finite": finite,
              "ranks": ranks.tolist(), "per_block_sequential": [m is None for m in mixed]}
   for name in variants:
     x, info = out[name]

@@ -55,7 +55,7 @@ def test_quick_run_writes_finite_positive_figures(tmp_path, parse_flags, capsys)
   for name in ("sequential", "plain_jacobi", "segments", "per_block"):
     headline.append(st[name]["speedup_over_sequential"]["of_medians"])
     assert st[name]["difference"]["rel_rms"] < 0.05
-  assert st["sequential"]["difference"]["max_abs"] == 0.0
+  assert st["sequential"]["difference"]["max_abs"] == 0.0 and st["finite"]
   assert len(st["ranks"]) == len(st["per_block_sequential"]) == 2
   assert all(math.isfinite(x) and x > 0 for x in headline), headline
   assert all(math.isfinite(x) and x >= 0 for x in _numbers(figures))
