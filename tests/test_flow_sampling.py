@@ -115,14 +115,14 @@ def test_jacobi_iterations_identical_across_shardings():
 # ------------------------------------------------------------- per-block strategies (GS-Jacobi)
 
 
-@pytest.fixture(scope="module")
-def three_blocks():
-  """A 3-block TarFlow (16 tokens) on which plain Jacobi needs ~8 iterations per block."""
+@pytest.fixture
+def three_blocks(x64):
+  """A 3-block float64 TarFlow (16 tokens) on which plain Jacobi needs ~8 iterations per block."""
   cfg = tiny_config("tarflow", layers=(1, 1, 1), num_classes=3, image=(8, 8), dtype="float64")
   return build(cfg, head_scale=0.05)
 
 
-def test_per_block_strategies_equal_sequential_as_thresholds_go_to_zero(three_blocks, x64):
+def test_per_block_strategies_equal_sequential_as_thresholds_go_to_zero(three_blocks):
   """Segments of 4 (GS-Jacobi) from the first-token affine guess, a sequential block, and plain Jacobi
   over all 16 tokens from the noise; the relative-MSE threshold eta leaves errors ~ sqrt(eta)."""
   m, v, x, labels, _ = three_blocks
@@ -139,7 +139,7 @@ def test_per_block_strategies_equal_sequential_as_thresholds_go_to_zero(three_bl
   assert 1e-10 < errors[0] < 1e-2 and errors[1] < 1e-11, errors
 
 
-def test_initial_guesses_and_the_ranking_of_blocks(three_blocks, x64):
+def test_initial_guesses_and_the_ranking_of_blocks(three_blocks):
   m, v, x, labels, _ = three_blocks
   z = jax.random.normal(jax.random.key(6), x.shape, x.dtype)
   jac = Jacobi(16, threshold=1e-12, max_iter=16)
