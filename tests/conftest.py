@@ -12,6 +12,10 @@ import contextlib  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import torchvision_cpu  # noqa: E402
+
+torchvision_cpu.install()  # before anything imports transformers (which imports torchvision)
+
 pytest_plugins = ("parity_guard",)  # a parity test skipped for want of torch & co. is listed; CI fails
 
 

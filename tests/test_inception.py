@@ -1,8 +1,6 @@
 """FID InceptionV3: the Flax network and importer against pytorch-fid's own `InceptionV3` (FID blocks)
 built with the same random weights (no download): the 2048-d pool features agree to 1e-4; the resize
 is torch's bilinear; a weights file of another network is refused with a clear message."""
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -12,25 +10,7 @@ from starflow2_jax.errors import UserError
 from starflow2_jax.eval import inception
 
 torch = pytest.importorskip("torch")
-
-
-def _import_torchvision():
-  """torchvision; the PyPI wheel's C++ ops link CUDA libraries that a CPU torch lacks, which only breaks
-  the registration of its two detection-op schemas (nms, qnms): define them, then the pure-Python
-  models import (the Inception network uses none of the C++ ops)."""
-  try:
-    return pytest.importorskip("torchvision")
-  except RuntimeError as e:
-    if "torchvision::" not in str(e):
-      raise
-  for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-    del sys.modules[name]
-  for op in ("nms", "qnms"):
-    torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-  return pytest.importorskip("torchvision")
-
-
-_import_torchvision()
+pytest.importorskip("torchvision")  # importable next to a CPU torch: tests/torchvision_cpu.py
 pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
 
 
