@@ -1,4 +1,4 @@
-"""Encode images with a DINOv2 or an FAE checkpoint.
+"""Encode images with a DINOv2, an FAE or an FID Inception checkpoint.
 
   python -m launch.encode --checkpoint=DIR (--images=FILES_OR_DIR | --pixels=X.npy) --out=DIR
 
@@ -6,13 +6,16 @@ A DINOv2 checkpoint (`launch.convert --from=hf_dinov2`) writes OUT/features.npy:
 [N, tokens, width], the final-normed last_hidden_state in Hugging Face's token order (CLS, registers,
 patches). An FAE checkpoint (`launch.train` with model_kind fae: WORKDIR/params_<step>) writes
 OUT/latents.npy (float32 [N, h, w, C], the normalised posterior means) and OUT/reconstructions.png
-(each original next to its reconstruction).
+(each original next to its reconstruction). An FID Inception checkpoint (`launch.convert
+--from=pytorch_fid_inception`) writes OUT/features.npy: float32 [N, 2048], the pool features.
 
 --images: image files, comma-separated, or a directory (its .png/.jpg/.jpeg/.bmp/.webp files, sorted);
   each is converted to RGB, centre-cropped to a square and resized (PIL bicubic) to the model's input:
   DINOv2's input_size, then ImageNet-normalised; the FAE's image_size.
 --pixels: an .npy of float32 [N, H, W, 3] already as the model takes it: DINOv2 normalised pixels at
-  its input_size; FAE images in [0, 1] at its image_size (the features are a function of it alone).
+  its input_size; FAE images in [0, 1] at its image_size (the features are a function of it alone);
+  Inception: RGB in [0, 1] of any size (pytorch-fid's input, NHWC; the network resizes to 299 and scales
+  to [-1, 1] itself). Inception reads --images at their own size (files of one size per run), as [0, 1].
 Existing outputs are never overwritten.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from absl import flags
 from starflow2_jax import entry
 from starflow2_jax.errors import UserError
 
-flags.DEFINE_string("checkpoint", None, "A converted DINOv2 or an exported FAE checkpoint directory.")
+flags.DEFINE_string("checkpoint", None, "A converted DINOv2 or Inception, or an exported FAE checkpoint.")
 flags.DEFINE_string("images", None, "Image files (comma-separated) or a directory of images.")
 flags.DEFINE_string("pixels", None, ".npy of float32 [N, H, W, 3] model-ready pixels.")
 flags.DEFINE_string("out", None, "Directory to write features.npy or latents.npy + reconstructions.png.")
@@ -64,12 +67,28 @@ def read_images(paths: list[str], height: int, width: int) -> np.ndarray:
   return np.stack(out)
 
 
-def read_pixels(path: str, shape: tuple[int, int, int], what: str) -> np.ndarray:
+def read_native_images(paths: list[str]) -> np.ndarray:
+  """uint8 [N, H, W, 3]: RGB at the files' own size, which must be one size."""
+  from PIL import Image
+  out = []
+  for p in paths:
+    with Image.open(p) as im:
+      out.append(np.asarray(im.convert("RGB"), np.uint8))
+  sizes = sorted({a.shape[:2] for a in out})
+  if len(sizes) > 1:
+    raise UserError(f"--images: the files have several sizes {sizes[:4]}; encode one size per run")
+  return np.stack(out)
+
+
+def read_pixels(path: str, shape: tuple[int | None, int | None, int], what: str) -> np.ndarray:
+  """float32 [N, *shape] from an .npy (None in `shape`: any size on that axis)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--pixels={path}: no such file")
   x = np.load(path)
-  if x.ndim != 4 or tuple(x.shape[1:]) != shape or x.dtype != np.float32:
-    raise UserError(f"--pixels={path}: expected float32 [N, {', '.join(map(str, shape))}] ({what}), "
+  if (x.ndim != 4 or any(e is not None and e != f for e, f in zip(shape, x.shape[1:]))
+      or x.dtype != np.float32):
+    dims = ", ".join("any" if e is None else str(e) for e in shape)
+    raise UserError(f"--pixels={path}: expected float32 [N, {dims}] ({what}), "
                     f"found {x.dtype} {list(x.shape)}")
   return x
 
@@ -94,6 +113,7 @@ def encode(checkpoint: str, out: str, images: str | None = None, pixels: str | N
   import jax
 
   from starflow2_jax import ckpt, images as image_io
+  from starflow2_jax.eval import inception
   from starflow2_jax.fae import dinov2 as dinov2_lib, load_dinov2, load_fae
   if (images is None) == (pixels is None):
     raise UserError("pass exactly one of --images (image files or a directory) and --pixels (.npy)")
@@ -126,8 +146,18 @@ def encode(checkpoint: str, out: str, images: str | None = None, pixels: str | N
     pairs = np.stack([originals, recon], 1).reshape(-1, s, s, 3)
     image_io.save_grid(png, pairs * 2.0 - 1.0, cols=2)
     return [latents_path, png]
-  raise UserError(f"--checkpoint={checkpoint}: model_kind {kind!r} is neither a DINOv2 ('dinov2', from "
-                  "launch.convert --from=hf_dinov2) nor an FAE ('fae', from launch.train)")
+  if kind == inception.MODEL_KIND:
+    (path,) = _new_outputs(out, ("features.npy",))
+    model, variables = inception.load_inception(checkpoint)
+    if pixels is not None:
+      x = read_pixels(pixels, (None, None, 3), "RGB in [0, 1], any size")
+    else:
+      x = read_native_images(image_paths(images))
+    np.save(path, inception.pool_features(model, variables, x, batch_size).astype(np.float32))
+    return [path]
+  raise UserError(f"--checkpoint={checkpoint}: model_kind {kind!r} is none of a DINOv2 ('dinov2', from "
+                  "launch.convert --from=hf_dinov2), an FAE ('fae', from launch.train) and an FID "
+                  f"Inception ({inception.MODEL_KIND!r}, from launch.convert --from=pytorch_fid_inception)")
 
 
 def main(argv):

@@ -84,5 +84,5 @@ def test_errors(checkpoints, tmp_path):
     encode_cli.encode(checkpoints["fae"], str(tmp_path / "o3"), images=str(tmp_path / "none.png"))
   other = ckpt.save_params(str(tmp_path / "flow"), {"w": np.zeros(2)},
                            ml_collections.ConfigDict({"model_kind": "flow"}))
-  with pytest.raises(UserError, match="model_kind 'flow' is neither a DINOv2"):
+  with pytest.raises(UserError, match="model_kind 'flow' is none of a DINOv2"):
     encode_cli.encode(other, str(tmp_path / "o4"), images=checkpoints["images"])

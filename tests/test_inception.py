@@ -102,3 +102,20 @@ def _flow_checkpoint(tmp_path):
   from starflow2_jax import ckpt
   return ckpt.save_params(str(tmp_path / "flow"), {"w": np.zeros(1, np.float32)},
                           ml_collections.ConfigDict({"model_kind": "flow"}))
+
+
+def test_launch_encode_writes_the_pool_features(state_dict, monkeypatch, tmp_path):
+  from launch import encode
+  weights = tmp_path / converter.WEIGHTS_FILE
+  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, weights)
+  checkpoint = converter.convert(str(weights), str(tmp_path / "inception"))
+  pixels = np.random.default_rng(3).uniform(0, 1, (3, 41, 30, 3)).astype(np.float32)
+  np.save(tmp_path / "pixels.npy", pixels)
+  (path,) = encode.encode(checkpoint, str(tmp_path / "out"), pixels=str(tmp_path / "pixels.npy"),
+                          batch_size=2)
+  with torch.no_grad():
+    want = torch_fid_network(state_dict, monkeypatch)(
+        torch.from_numpy(pixels).permute(0, 3, 1, 2))[0][:, :, 0, 0].numpy()
+  np.testing.assert_allclose(np.load(path), want, atol=1e-4, rtol=0)
+  with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    encode.encode(checkpoint, str(tmp_path / "out"), pixels=str(tmp_path / "pixels.npy"))
