@@ -181,7 +181,7 @@ class FAE:
     c = self.channels
     stats = {"mean": jnp.zeros((c,), jnp.float32), "std": jnp.ones((c,), jnp.float32)}
     if boxed:
-      return {k: nn.Partitioned(v, names=("latent",)) for k, v in stats.items()}
+      return {k: nn.LogicallyPartitioned(v, names=("latent",)) for k, v in stats.items()}
     return stats
 
   def abstract_params(self, with_stats: bool = True):
