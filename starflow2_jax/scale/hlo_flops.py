@@ -1,0 +1,144 @@
+"""Matmul FLOPs of a compiled program, with its loops counted as many times as they run.
+
+XLA's `compiled.cost_analysis()["flops"]` counts the body of a `while` loop once, whatever its trip
+count: a 24-layer scanned transformer is counted as one layer, and a `grad_accum` scan as one
+micro-batch. This module reads the optimized HLO text instead (`compiled.as_text()`, the per-device
+program after SPMD partitioning) and adds up
+
+  dot          2 x output elements x contracted size (the lhs contracting dimensions)
+  convolution  2 x output elements x kernel elements / kernel output features (TPU lowers matmuls
+               to convolutions with `dim_labels`)
+
+through fusions and calls, multiplying a loop body by its trip count and taking the larger branch of
+a conditional. The trip count is the `known_trip_count` XLA records on the loop (CPU, GPU) or else the
+bound N of a loop condition `counter < N` with an integer constant N (TPU; JAX's scans count from 0);
+a loop with neither is counted once and listed in `unknown_loops`.
+Element-wise work is not counted (a few percent of a transformer step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_ARRAY = re.compile(r"^[a-z]+\d*\[([\d,]*)\]")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_DIM_LABELS = re.compile(r"dim_labels=[^_]+_([^-]+)->")
+_INT_CONSTANT = re.compile(r"^[su]\d+\[\]")
+
+
+@dataclasses.dataclass
+class HloFlops:
+  flops: float  # per device, loops multiplied by their trip counts
+  loops: dict[str, int]  # while instruction -> trip count used
+  unknown_loops: list[str]  # loops without a known trip count (counted once)
+
+
+def _dims(type_text: str) -> tuple[int, ...] | None:
+  m = _ARRAY.match(type_text.strip())
+  if not m:
+    return None
+  return tuple(int(d) for d in m.group(1).split(",") if d)
+
+
+def _parse(text: str):
+  """-> ({computation: [(name, type, opcode, rest)]}, the ENTRY computation's name,
+  {computation: its ROOT instruction's name})."""
+  comps: dict[str, list] = {}
+  entry, current = None, None
+  roots: dict[str, str] = {}
+  for line in text.splitlines():
+    if current is None:
+      m = _COMP.match(line)
+      if m and "=" not in line.split("{")[0].split("(")[0]:
+        current = m.group(1)
+        comps[current] = []
+        if line.startswith("ENTRY"):
+          entry = current
+      continue
+    if line.strip() == "}":
+      current = None
+      continue
+    m = _INSTR.match(line)
+    if m:
+      comps[current].append(m.groups())
+      if line.lstrip().startswith("ROOT"):
+        roots[current] = m.group(1)
+  return comps, entry, roots
+
+
+def _op_flops(opcode: str, out: tuple[int, ...] | None, rest: str, shapes: dict) -> float:
+  if out is None:
+    return 0.0
+  operands = _OPERAND.findall(rest.split(")")[0])
+  if opcode == "dot":
+    lhs = shapes.get(operands[0]) if operands else None
+    m = _CONTRACT.search(rest)
+    if lhs is None or m is None:
+      return 0.0
+    contracted = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d)
+    return 2.0 * math.prod(out) * contracted
+  if opcode == "convolution":
+    kernel = shapes.get(operands[1]) if len(operands) > 1 else None
+    m = _DIM_LABELS.search(rest)
+    if kernel is None or m is None or "o" not in m.group(1):
+      return 0.0
+    out_features = kernel[m.group(1).index("o")]
+    return 2.0 * math.prod(out) * math.prod(kernel) / max(out_features, 1)
+  return 0.0
+
+
+def _condition_bound(instrs: list, root: str | None) -> int | None:
+  """N of a loop condition whose ROOT is `compare(counter, constant(N)), direction=LT`."""
+  by_name = {name: (type_text, opcode, rest) for name, type_text, opcode, rest in instrs}
+  if root not in by_name or by_name[root][1] != "compare" or "direction=LT" not in by_name[root][2]:
+    return None
+  for operand in _OPERAND.findall(by_name[root][2].split(")")[0]):
+    type_text, opcode, rest = by_name.get(operand, ("", "", ""))
+    if opcode == "constant" and _INT_CONSTANT.match(type_text.strip()):
+      return int(rest.split(")")[0])
+  return None
+
+
+def count(hlo_text: str) -> HloFlops:
+  """Matmul FLOPs of one run of the ENTRY computation of an optimized HLO module (per device)."""
+  comps, entry, roots = _parse(hlo_text)
+  loops: dict[str, int] = {}
+  unknown: list[str] = []
+  memo: dict[str, float] = {}
+
+  def flops(comp: str) -> float:
+    if comp in memo:
+      return memo[comp]
+    memo[comp] = 0.0  # guards against recursion
+    shapes = {name: _dims(type_text) for name, type_text, _, _ in comps.get(comp, ())}
+    total = 0.0
+    for name, type_text, opcode, rest in comps.get(comp, ()):
+      total += _op_flops(opcode, shapes[name], rest, shapes)
+      if opcode == "while":
+        body = re.search(r"\bbody=%([\w.\-]+)", rest)
+        cond = re.search(r"\bcondition=%([\w.\-]+)", rest)
+        trip = _TRIP.search(rest)
+        n = int(trip.group(1)) if trip else (
+            _condition_bound(comps.get(cond.group(1), []), roots.get(cond.group(1))) if cond else None)
+        if n is None:
+          unknown.append(name)
+          n = 1
+        loops[name] = n
+        total += n * (flops(body.group(1)) if body else 0.0)
+      elif opcode == "conditional":
+        m = _BRANCHES.search(rest)
+        names = _OPERAND.findall(m.group(1)) if m else _CALLS.findall(rest)
+        total += max((flops(c) for c in names), default=0.0)
+      else:
+        total += sum(flops(c) for c in _CALLS.findall(rest))
+    memo[comp] = total
+    return total
+
+  return HloFlops(flops(entry) if entry else 0.0, loops, unknown)
