@@ -10,9 +10,11 @@ program after SPMD partitioning) and adds up
                to convolutions with `dim_labels`)
 
 through fusions and calls, multiplying a loop body by its trip count and taking the larger branch of
-a conditional. The trip count is the `known_trip_count` XLA records on the loop (CPU, GPU) or else the
-bound N of a loop condition `counter < N` with an integer constant N (TPU; JAX's scans count from 0);
-a loop with neither is counted once and listed in `unknown_loops`.
+a conditional. The trip count is the `known_trip_count` XLA records on the loop (CPU, GPU) or else
+(TPU) read from the loop: a condition `counter < N` with an integer constant N, the counter's start
+in the init tuple (a constant, else 0) and its step in the body (`counter + constant`, else 1; the
+TPU's collective matmuls step by 2). A loop without either is counted once and listed in
+`unknown_loops`.
 Element-wise work is not counted (a few percent of a transformer step).
 """
 from __future__ import annotations
@@ -94,16 +96,52 @@ def _op_flops(opcode: str, out: tuple[int, ...] | None, rest: str, shapes: dict)
   return 0.0
 
 
-def _condition_bound(instrs: list, root: str | None) -> int | None:
-  """N of a loop condition whose ROOT is `compare(counter, constant(N)), direction=LT`."""
-  by_name = {name: (type_text, opcode, rest) for name, type_text, opcode, rest in instrs}
-  if root not in by_name or by_name[root][1] != "compare" or "direction=LT" not in by_name[root][2]:
-    return None
-  for operand in _OPERAND.findall(by_name[root][2].split(")")[0]):
-    type_text, opcode, rest = by_name.get(operand, ("", "", ""))
-    if opcode == "constant" and _INT_CONSTANT.match(type_text.strip()):
-      return int(rest.split(")")[0])
+def _int_constant(by_name: dict, name: str) -> int | None:
+  type_text, opcode, rest = by_name.get(name, ("", "", ""))
+  if opcode == "constant" and _INT_CONSTANT.match(type_text.strip()):
+    return int(rest.split(")")[0])
   return None
+
+
+def _tuple_index(by_name: dict, name: str) -> int | None:
+  """i of `get-tuple-element(param), index=i`."""
+  _, opcode, rest = by_name.get(name, ("", "", ""))
+  m = re.search(r"\bindex=(\d+)", rest) if opcode == "get-tuple-element" else None
+  return int(m.group(1)) if m else None
+
+
+def _operands(rest: str) -> list[str]:
+  return _OPERAND.findall(rest.split(")")[0])
+
+
+def _trip_from_condition(comps: dict, roots: dict, cond: str, body: str, init: str | None,
+                         caller: dict) -> int | None:
+  """Trips of a loop whose condition is `counter < N` (N an integer constant): (N - start) / step,
+  with the counter's start read from the loop's init tuple (0 unless a constant there) and its step
+  from the body's ROOT tuple (`counter + constant`, 1 otherwise)."""
+  c_by = {name: (t, op, rest) for name, t, op, rest in comps.get(cond, [])}
+  root = roots.get(cond)
+  if root not in c_by or c_by[root][1] != "compare" or "direction=LT" not in c_by[root][2]:
+    return None
+  lhs, rhs = (_operands(c_by[root][2]) + [None, None])[:2]
+  bound, index = _int_constant(c_by, rhs), _tuple_index(c_by, lhs)
+  if bound is None or index is None:
+    return None
+  start, step = 0, 1
+  if init in caller and caller[init][1] == "tuple":
+    items = _operands(caller[init][2])
+    if index < len(items):
+      start = _int_constant(caller, items[index]) or 0
+  b_by = {name: (t, op, rest) for name, t, op, rest in comps.get(body, [])}
+  b_root = roots.get(body)
+  if b_root in b_by and b_by[b_root][1] == "tuple":
+    items = _operands(b_by[b_root][2])
+    if index < len(items) and b_by.get(items[index], ("", ""))[1] == "add":
+      a = _operands(b_by[items[index]][2])
+      consts = [v for v in (_int_constant(b_by, x) for x in a) if v is not None]
+      if consts and any(_tuple_index(b_by, x) == index for x in a):
+        step = consts[0]
+  return max(0, -(-(bound - start) // max(step, 1)))
 
 
 def count(hlo_text: str) -> HloFlops:
@@ -118,6 +156,7 @@ def count(hlo_text: str) -> HloFlops:
       return memo[comp]
     memo[comp] = 0.0  # guards against recursion
     shapes = {name: _dims(type_text) for name, type_text, _, _ in comps.get(comp, ())}
+    by_name = {name: (type_text, op, rest) for name, type_text, op, rest in comps.get(comp, ())}
     total = 0.0
     for name, type_text, opcode, rest in comps.get(comp, ()):
       total += _op_flops(opcode, shapes[name], rest, shapes)
@@ -125,8 +164,10 @@ def count(hlo_text: str) -> HloFlops:
         body = re.search(r"\bbody=%([\w.\-]+)", rest)
         cond = re.search(r"\bcondition=%([\w.\-]+)", rest)
         trip = _TRIP.search(rest)
+        init = (_operands(rest) or [None])[0]
         n = int(trip.group(1)) if trip else (
-            _condition_bound(comps.get(cond.group(1), []), roots.get(cond.group(1))) if cond else None)
+            _trip_from_condition(comps, roots, cond.group(1), body.group(1), init, by_name)
+            if cond and body else None)
         if n is None:
           unknown.append(name)
           n = 1
