@@ -28,6 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v5e-256, v4-128, v6e-64, v5p:2x4x4, cpu[:N]")
 _SAVE = flags.DEFINE_string("save", None, "write the compiled train step here (never overwritten)")
 _JSON = flags.DEFINE_string("json", None, "write the report as JSON here (never overwritten)")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "per-chip memory (GiB) to check the step against; 0: the "
+                              "chip's HBM (train.mfu's table; none for a CPU)")
 flags.mark_flags_as_required(["config", "topology"])
 NO_FIT_EXIT = 3  # exit status when the step does not fit the chip's HBM
 
@@ -40,7 +42,10 @@ def main(argv):
       raise UserError(f"{path} exists; choose a new file name (outputs are never overwritten)")
   from starflow2_jax.scale import report, saved
   config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-  rep = report.compile_report(_CONFIG.value, _TOPOLOGY.value, config_name)
+  if _HBM_GIB.value < 0:
+    raise UserError(f"--hbm_gib={_HBM_GIB.value}: expected a positive size in GiB, or 0 for the chip's HBM")
+  rep = report.compile_report(_CONFIG.value, _TOPOLOGY.value, config_name,
+                              int(_HBM_GIB.value * report.GIB) or None)
   print(report.format_report(rep))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

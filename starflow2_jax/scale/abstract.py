@@ -98,6 +98,8 @@ class Plan:
   mesh: jax.sharding.Mesh
   rules: Any
   task: Task
+  tx: Any  # the optimizer (optimizer.for_task)
+  init_rng: jax.Array  # the key the loop initialises the parameters with
   trainable: Any  # bools like the params: which parameters train
   train_step: Any  # train.step.make_train_step's function (with .lower)
   state: state_lib.TrainState  # ShapeDtypeStructs with shardings
@@ -136,4 +138,4 @@ def build(config: ml_collections.ConfigDict, devices: list, platform: str) -> Pl
   train_step = step_lib.make_train_step(
       task.loss_fn, tx, optimizer.learning_rate_schedule(tc), tc, mesh, rules, state_sh,
       task.frozen_shardings, objective=task.objective, trainable=trainable)
-  return Plan(config, mesh, rules, task, trainable, train_step, state, frozen, batch, rng)
+  return Plan(config, mesh, rules, task, tx, init_rng, trainable, train_step, state, frozen, batch, rng)

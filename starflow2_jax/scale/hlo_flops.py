@@ -7,7 +7,8 @@ program after SPMD partitioning) and adds up
 
   dot          2 x output elements x contracted size (the lhs contracting dimensions)
   convolution  2 x output elements x kernel elements / kernel output features (TPU lowers matmuls
-               to convolutions with `dim_labels`)
+               to convolutions with `dim_labels`), the window positions that only meet the zeros of
+               an lhs dilation not counted (TPU batched matmuls keep their batch dims there)
 
 through fusions and calls, multiplying a loop body by its trip count and taking the larger branch of
 a conditional. The trip count is the `known_trip_count` XLA records on the loop (CPU, GPU) or else
@@ -32,6 +33,8 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _DIM_LABELS = re.compile(r"dim_labels=[^_]+_([^-]+)->")
+_WINDOW_SIZE = re.compile(r"window=\{[^}]*\bsize=([\dx]+)")
+_LHS_DILATE = re.compile(r"window=\{[^}]*\blhs_dilate=([\dx]+)")
 _INT_CONSTANT = re.compile(r"^[su]\d+\[\]")
 
 
@@ -75,6 +78,19 @@ def _parse(text: str):
   return comps, entry, roots
 
 
+def _dilated_window(rest: str) -> float:
+  """How many window positions of a convolution read the zeros of an lhs dilation: TPU batched
+  matmuls put batch dims in the window (`window={size=8x12 ... lhs_dilate=8x12}`), so only one of
+  the 8 x 12 positions multiplies data. Returns prod(size) / prod(ceil(size / lhs_dilate))."""
+  size = _WINDOW_SIZE.search(rest)
+  dilate = _LHS_DILATE.search(rest)
+  if not size or not dilate:
+    return 1.0
+  sizes = [int(x) for x in size.group(1).split("x")]
+  dilates = [int(x) for x in dilate.group(1).split("x")]
+  return math.prod(sizes) / math.prod(-(-s // d) for s, d in zip(sizes, dilates))
+
+
 def _op_flops(opcode: str, out: tuple[int, ...] | None, rest: str, shapes: dict) -> float:
   if out is None:
     return 0.0
@@ -92,7 +108,7 @@ def _op_flops(opcode: str, out: tuple[int, ...] | None, rest: str, shapes: dict)
     if kernel is None or m is None or "o" not in m.group(1):
       return 0.0
     out_features = kernel[m.group(1).index("o")]
-    return 2.0 * math.prod(out) * math.prod(kernel) / max(out_features, 1)
+    return 2.0 * math.prod(out) * math.prod(kernel) / max(out_features, 1) / _dilated_window(rest)
   return 0.0
 
 

@@ -76,6 +76,12 @@ class Report:
     s = self.step_seconds(utilisation)
     return self.batch_size / s if s else None
 
+  def against(self, hbm_bytes: int | None) -> "Report":
+    """This report with the fit judged against `hbm_bytes` per chip (None: unknown)."""
+    fits = False if self.memory is None else (self.memory["total"] <= hbm_bytes if hbm_bytes else None)
+    return dataclasses.replace(self, hbm_bytes=hbm_bytes, fits=fits,
+                               largest_buffers=[] if fits is True else largest_buffers(self.plan.args))
+
   def to_json(self) -> dict:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("compiled", "plan")}
     d.update(flop_ratio=self.flop_ratio, step_seconds_at_peak=self.step_seconds(1.0),
@@ -113,8 +119,10 @@ def _is_oom(e: Exception) -> bool:
   return any(m in str(e) for m in OOM_MARKERS)
 
 
-def compile_report(config: ml_collections.ConfigDict, target: str, config_name: str = "") -> Report:
-  """Lower and compile `config`'s train step for `target` (a `scale.topology` name)."""
+def compile_report(config: ml_collections.ConfigDict, target: str, config_name: str = "",
+                   hbm_bytes: int | None = None) -> Report:
+  """Lower and compile `config`'s train step for `target` (a `scale.topology` name). hbm_bytes: the
+  per-chip memory to check against (default: the chip's HBM from `train.mfu`; None for a CPU)."""
   topo = topology_lib.parse(target)
   devices = topology_lib.target_devices(topo)
   t0 = time.perf_counter()
@@ -133,8 +141,6 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
   counted = model_flops.train_step_flops(plan.config, params, plan.trainable, plan.frozen,
                                          plan.task.tokens_per_example)
   memory = _memory(compiled) if compiled is not None else None
-  hbm = topo.hbm_bytes
-  fits = (False if compiled is None else (memory["total"] <= hbm if hbm else None))
   hf = hlo_flops.count(compiled.as_text()) if compiled is not None else None
   cost = _cost(compiled) if compiled is not None else {}
   n = len(devices)
@@ -145,16 +151,17 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
       params=sum(x.size for x in leaves),
       trainable_params=sum(x.size for x, t in zip(leaves, jax.tree.leaves(plan.trainable)) if t),
       frozen_params=sum(x.size for x in jax.tree.leaves(plan.frozen)) if plan.frozen is not None else 0,
-      hbm_bytes=hbm, memory=memory, fits=fits,
+      hbm_bytes=None, memory=memory, fits=None,
       compiled_flops=hf.flops * n if hf else None,
       xla_cost_flops=float(cost["flops"]) * n if "flops" in cost else None,
       analytical_flops=counted.total,
       analytical={"trained": counted.trained, "frozen": counted.frozen, "attention": counted.attention,
                   "tokens": counted.tokens},
       peak_flops=topo.peak_flops, xla_optimal_seconds=cost.get("optimal_seconds"),
-      largest_buffers=largest_buffers(plan.args) if fits is not True else [],
+      largest_buffers=[],
       compiler_message=message, unknown_loops=len(hf.unknown_loops) if hf else 0,
-      lower_seconds=t1 - t0, compile_seconds=t2 - t1, compiled=compiled, plan=plan)
+      lower_seconds=t1 - t0, compile_seconds=t2 - t1, compiled=compiled,
+      plan=plan).against(hbm_bytes or topo.hbm_bytes)
 
 
 def _gib(b: float) -> str:
