@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 from typing import Any
 
 import jax
@@ -100,19 +101,38 @@ def points(sweep: dict) -> list[Point]:
           for s, b in itertools.product(sweep["sizes"], sweep["budgets"])]
 
 
+def train_command(sweep: dict, workdir: str, point: Point) -> str:
+  """The `launch.train` command line of one point (for a cluster; --mode=collect reads the result)."""
+  name, _, arg = sweep["base"].partition(":")
+  config = f"configs/{name}.py" + (f":{arg}" if arg else "")
+  overrides = " ".join(shlex.quote(f"--config.{k}=" + (v if isinstance(v, str) else
+                                                       json.dumps(v, separators=(",", ":"))))
+                       for k, v in point.overrides.items())
+  return (f"python -m launch.train --config={config} "
+          f"--workdir={shlex.quote(os.path.join(workdir, point.name))} {overrides}")
+
+
 def point_config(sweep: dict, point: Point) -> ml_collections.ConfigDict:
   return apply_overrides(base_config(sweep), point.overrides)
 
 
-def account(config: ml_collections.ConfigDict, point: Point) -> None:
-  """Fill point.params and point.flops (train.steps x analytical step FLOPs), from abstract shapes."""
+def account(config: ml_collections.ConfigDict, point: Point, cache: dict | None = None) -> None:
+  """Fill point.params and point.flops (train.steps x analytical step FLOPs), from abstract shapes.
+  cache: {config without train.steps: (params, step FLOPs)}, shared by the points of one size."""
   from starflow2_jax.scale import abstract, model_flops
-  config = apply_overrides(config, {"mesh.shape": {"data": 1, "fsdp": 1, "tensor": 1}})  # FLOPs do not
-  plan = abstract.build(config, jax.devices()[:1], jax.default_backend())  # depend on the mesh
-  step = model_flops.train_step_flops(plan.config, plan.state.params, plan.trainable, plan.frozen,
-                                      plan.task.tokens_per_example)
-  point.params = sum(x.size for x in jax.tree.leaves(plan.state.params))
-  point.flops = step.total * int(config.train.steps)
+  # one device: the FLOPs of a step do not depend on the mesh, nor (per step) on train.steps
+  config = apply_overrides(config, {"mesh.shape": {"data": 1, "fsdp": 1, "tensor": 1}})
+  key = apply_overrides(config, {"train.steps": 1}).to_json_best_effort(sort_keys=True)
+  if cache is None or key not in cache:
+    plan = abstract.build(config, jax.devices()[:1], jax.default_backend())
+    step = model_flops.train_step_flops(plan.config, plan.state.params, plan.trainable, plan.frozen,
+                                        plan.task.tokens_per_example)
+    value = (sum(x.size for x in jax.tree.leaves(plan.state.params)), step.total)
+    if cache is None:
+      cache = {}
+    cache[key] = value
+  point.params, step_flops = cache[key]
+  point.flops = step_flops * int(config.train.steps)
 
 
 def read_metric(workdir: str, metric: str) -> float | None:
@@ -201,3 +221,43 @@ def plot(path: str, pts: list[Point], metric: str, fit: tuple[float, float] | No
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img.save(path)
   return path
+
+
+@dataclasses.dataclass
+class Result:
+  points: list[Point]
+  fit: tuple[float, float] | None  # (a, alpha)
+  missing: list[str]  # points not evaluated yet
+  text: str  # the Markdown table and fit
+  paths: list[str]  # files written
+
+
+def _new_path(workdir: str, stem: str, ext: str) -> str:
+  path, n = os.path.join(workdir, f"{stem}.{ext}"), 1
+  while os.path.exists(path):
+    path, n = os.path.join(workdir, f"{stem}.{n}.{ext}"), n + 1
+  return path
+
+
+def collect(sweep: dict, workdir: str, configs: dict[str, ml_collections.ConfigDict]) -> Result:
+  """Read every point's metric in workdir, count its FLOPs, fit the frontier, and write sweep.md,
+  sweep.json and sweep.png (new names when they exist). configs: {point name: its config}."""
+  pts = points(sweep)
+  cache: dict = {}
+  for p in pts:
+    account(configs[p.name], p, cache)
+    p.loss = read_metric(os.path.join(workdir, p.name), sweep["metric"])
+  done = [p for p in pts if p.loss is not None]
+  best = frontier(done) if len(frontier(done)) >= 2 else done
+  fit = fit_power_law([p.flops for p in best], [p.loss for p in best]) if len(best) >= 2 else None
+  text = table(pts, sweep["metric"], fit)
+  os.makedirs(workdir, exist_ok=True)
+  paths = [_new_path(workdir, "sweep", "md"), _new_path(workdir, "sweep", "json")]
+  with open(paths[0], "w") as f:
+    f.write(text)
+  with open(paths[1], "w") as f:
+    json.dump({"metric": sweep["metric"], "fit": {"a": fit[0], "alpha": fit[1]} if fit else None,
+               "points": [dataclasses.asdict(p) for p in pts]}, f, indent=2)
+  if done:
+    paths.append(plot(_new_path(workdir, "sweep", "png"), done, sweep["metric"], fit))
+  return Result(pts, fit, [p.name for p in pts if p.loss is None], text, paths)
