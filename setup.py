@@ -38,6 +38,8 @@ setup(
         "convert": convert,
         "tokenizer": tokenizer,
         "test": ["pytest>=8", "pytest-timeout"] + convert + tokenizer,
+        # libtpu (0.0.42.* with jax 0.10.2; 0.0.51 works too): TPU VMs, and ahead-of-time compilation for
+        # named TPU slices on any machine (launch.compile); quiet on machines without TPU chips
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
     },
