@@ -4,6 +4,8 @@ Without TPU chips, JAX still loads libtpu when it first lists devices (and when 
 built for ahead-of-time compilation); libtpu then looks for the slice's hosts, finds none, and prints
 `Failed to find host bounds...` and an `INVALID_ARGUMENT ... TPU_WORKER_HOSTNAMES` error before JAX
 falls back to the CPU. Naming this host as the only worker of a one-host slice answers those queries.
+A second process loading libtpu would fail on libtpu's lock file; without chips there is nothing to
+lock, so several may load it.
 Nothing changes on a TPU VM (chips present) or where the user has set any of the variables.
 """
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
-# The slice libtpu is told about on a machine without chips: this host alone.
-QUIET_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1"}
+# The slice libtpu is told about on a machine without chips: this host alone; and, as no chip is
+# driven, any number of processes may load libtpu at once (compiles side by side, tests).
+QUIET_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1",
+             "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips appear as PCI devices of this vendor (jax hardware_utils)
 PCI_DEVICES = "/sys/bus/pci/devices"
 
