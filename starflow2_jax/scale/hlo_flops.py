@@ -6,9 +6,9 @@ micro-batch. This module reads the optimized HLO text instead (`compiled.as_text
 program after SPMD partitioning) and adds up
 
   dot          2 x output elements x contracted size (the lhs contracting dimensions)
-  convolution  2 x output elements x kernel elements / kernel output features (TPU lowers matmuls
-               to convolutions with `dim_labels`), the window positions that only meet the zeros of
-               an lhs dilation not counted (TPU batched matmuls keep their batch dims there)
+  convolution  2 x multiply-adds, tap by tap: output batch x output features x input features x the
+               window taps that land on data (TPU lowers matmuls to convolutions with `dim_labels`,
+               batch dims in lhs-dilated windows and pairs of shards in padded windows)
 
 through fusions and calls, multiplying a loop body by its trip count and taking the larger branch of
 a conditional. The trip count is the `known_trip_count` XLA records on the loop (CPU, GPU) or else
@@ -32,9 +32,6 @@ _CALLS = re.compile(r"\b(?:calls|to_apply|body|true_computation|false_computatio
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
-_DIM_LABELS = re.compile(r"dim_labels=[^_]+_([^-]+)->")
-_WINDOW_SIZE = re.compile(r"window=\{[^}]*\bsize=([\dx]+)")
-_LHS_DILATE = re.compile(r"window=\{[^}]*\blhs_dilate=([\dx]+)")
 _INT_CONSTANT = re.compile(r"^[su]\d+\[\]")
 
 
@@ -78,17 +75,40 @@ def _parse(text: str):
   return comps, entry, roots
 
 
-def _dilated_window(rest: str) -> float:
-  """How many window positions of a convolution read the zeros of an lhs dilation: TPU batched
-  matmuls put batch dims in the window (`window={size=8x12 ... lhs_dilate=8x12}`), so only one of
-  the 8 x 12 positions multiplies data. Returns prod(size) / prod(ceil(size / lhs_dilate))."""
-  size = _WINDOW_SIZE.search(rest)
-  dilate = _LHS_DILATE.search(rest)
-  if not size or not dilate:
-    return 1.0
-  sizes = [int(x) for x in size.group(1).split("x")]
-  dilates = [int(x) for x in dilate.group(1).split("x")]
-  return math.prod(sizes) / math.prod(-(-s // d) for s, d in zip(sizes, dilates))
+def _window(rest: str, key: str, n: int, default: int) -> list[int]:
+  m = re.search(r"window=\{[^}]*\b" + key + r"=([\d_x]+)", rest)
+  if not m:
+    return [default] * n
+  return [int(x.split("_")[0]) for x in m.group(1).split("x")]
+
+
+def _taps(i: int, o: int, k: int, stride: int, pad_lo: int, lhs_dilate: int, rhs_dilate: int) -> int:
+  """Multiply-adds of one spatial dimension summed over its o outputs: the window taps that land on
+  input data (not on padding, not in the holes of an lhs dilation)."""
+  last = (i - 1) * lhs_dilate
+  return sum(1 for out in range(o) for j in range(k)
+             if 0 <= (p := out * stride + j * rhs_dilate - pad_lo) <= last and p % lhs_dilate == 0)
+
+
+def _conv_flops(out: tuple[int, ...], lhs: tuple[int, ...], rhs: tuple[int, ...], rest: str) -> float:
+  """2 x multiply-adds of a convolution, counted tap by tap per spatial dimension: TPU matmuls are
+  convolutions whose windows cover batch dims through an lhs dilation (`size=8 stride=7
+  lhs_dilate=8`: one tap per output) or pairs of shards through padding (`size=2 pad=1_1`)."""
+  m = re.search(r"dim_labels=([\w]+)_([\w]+)->([\w]+)", rest)
+  if not m:
+    return 0.0
+  lhs_l, rhs_l, out_l = m.groups()
+  spatial = sorted(c for c in out_l if c.isdigit())
+  n = len(spatial)
+  size, stride = _window(rest, "size", n, 1), _window(rest, "stride", n, 1)
+  lhs_dil, rhs_dil = _window(rest, "lhs_dilate", n, 1), _window(rest, "rhs_dilate", n, 1)
+  pads = re.search(r"window=\{[^}]*\bpad=([\d_x\-]+)", rest)
+  pad_lo = [int(x.split("_")[0]) for x in pads.group(1).split("x")] if pads else [0] * n
+  macs = math.prod(d for d, c in zip(out, out_l) if not c.isdigit()) * rhs[rhs_l.index("i")]
+  for k, c in enumerate(spatial):
+    macs *= _taps(lhs[lhs_l.index(c)], out[out_l.index(c)], size[k], stride[k], pad_lo[k],
+                  lhs_dil[k], rhs_dil[k])
+  return 2.0 * macs
 
 
 def _op_flops(opcode: str, out: tuple[int, ...] | None, rest: str, shapes: dict) -> float:
@@ -103,12 +123,8 @@ def _op_flops(opcode: str, out: tuple[int, ...] | None, rest: str, shapes: dict)
     contracted = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d)
     return 2.0 * math.prod(out) * contracted
   if opcode == "convolution":
-    kernel = shapes.get(operands[1]) if len(operands) > 1 else None
-    m = _DIM_LABELS.search(rest)
-    if kernel is None or m is None or "o" not in m.group(1):
-      return 0.0
-    out_features = kernel[m.group(1).index("o")]
-    return 2.0 * math.prod(out) * math.prod(kernel) / max(out_features, 1) / _dilated_window(rest)
+    lhs, rhs = (shapes.get(o) for o in (operands + [None, None])[:2])
+    return _conv_flops(out, lhs, rhs, rest) if lhs and rhs else 0.0
   return 0.0
 
 
