@@ -4,6 +4,8 @@
       --out=/ckpt/qwen2_5_vl_7b [--config=configs/qwen2_5_vl_7b.py] [--dtype=bfloat16]
   python -m launch.convert --from=tarflow_torch --checkpoint=afhq_model_8_768_8_8_0.07.pth \
       --out=/ckpt/tarflow_afhq256 [--image_size=256] [--patch_size=8] [--config=configs/tarflow_afhq256.py]
+  python -m launch.convert --from=hf_dinov2 --checkpoint=/data/dinov2-giant --out=/ckpt/dinov2_g14 \
+      [--input_size=224] [--config=configs/fae_dinov2_g14.py]
 
 --config (optional) names the expected model: a mismatch with the source's own shapes is an error.
 """
@@ -11,16 +13,19 @@ from absl import flags
 from ml_collections import config_flags
 
 from starflow2_jax import entry
-from starflow2_jax.convert import hf_qwen2_5_vl, tarflow_torch
+from starflow2_jax.convert import hf_dinov2, hf_qwen2_5_vl, tarflow_torch
 from starflow2_jax.errors import UserError
 
-flags.DEFINE_enum("from", None, ["hf_qwen2_5_vl", "tarflow_torch"], "Source format of --checkpoint.")
+flags.DEFINE_enum("from", None, ["hf_qwen2_5_vl", "tarflow_torch", "hf_dinov2"],
+                  "Source format of --checkpoint.")
 flags.DEFINE_string("checkpoint", None, "Source checkpoint (file or directory).")
 flags.DEFINE_string("out", None, "New directory to write the converted checkpoint to.")
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
-                  "hf_qwen2_5_vl: parameter dtype (default: the source's).")
+                  "hf_qwen2_5_vl, hf_dinov2: parameter dtype (default: the source's).")
 flags.DEFINE_integer("image_size", 256, "tarflow_torch: image side (shapes cannot tell it; AFHQ-256).")
 flags.DEFINE_integer("patch_size", 8, "tarflow_torch: patch size (AFHQ-256 release: 8).")
+flags.DEFINE_integer("input_size", None, "hf_dinov2: square input side in pixels the position table is "
+                     "resized for (default: --config's fae.dinov2.input_size, else the native size).")
 config_flags.DEFINE_config_file("config", None, "Expected model config (optional check).")
 flags.mark_flags_as_required(["from", "checkpoint", "out"])
 FLAGS = flags.FLAGS
@@ -32,6 +37,9 @@ CONVERTERS = {
     "tarflow_torch": lambda: tarflow_torch.convert(
         FLAGS.checkpoint, FLAGS.out, image_size=FLAGS.image_size, patch_size=FLAGS.patch_size,
         expected=FLAGS.config),
+    "hf_dinov2": lambda: hf_dinov2.convert(
+        FLAGS.checkpoint, FLAGS.out, dtype=FLAGS.dtype, expected=FLAGS.config,
+        input_size=None if FLAGS.input_size is None else (FLAGS.input_size, FLAGS.input_size)),
 }
 
 

@@ -8,15 +8,23 @@ the processes' shards are disjoint and together cover each epoch, and the iterat
 (`iterator_state`), so a checkpoint restores onto any number of processes.
 
 Records. A source's record is a dict: {"image": uint8 [S, S, C], "label": int32} plus whatever text the
-dataset has ("caption"; ShapesWorld also "questions", "answers"). The pipeline checks the image shape and
-applies the augmentation (flip) to it, then hands the whole record to the task's `transform` (a
-picklable `record -> {name: numpy array}`, e.g. a tokenizer of captions), so batches hold what the
-task's step needs: the stacked transform outputs [b, ...], plus INDEX_KEY (int64 [b], the record's index
-in its source, for tests and debugging; the loop does not feed it to the step).
+dataset has ("caption"; ShapesWorld also "questions", "answers"); a multi-image record (the Pretzel
+examples) holds "images", a list of them, and a packed record holds "records", a list of records. The
+pipeline checks every image's shape and applies the augmentation (flip, one draw for all the record's
+images) to them, then hands the whole record to the task's `transform` (a picklable
+`record -> {name: numpy array}`, e.g. a tokenizer of captions), so batches hold what the task's step
+needs: the stacked transform outputs [b, ...], plus INDEX_KEY (int64 [b], the record's index in its
+source, for tests and debugging; the loop does not feed it to the step). Training records reach the
+transform with ELEMENT_KEY (int64, the stream position k), from which a transform draws its own seeded
+augmentation (e.g. caption dropout); held-out records (`eval_batches`) have none: no augmentation.
+
+Sources. `data.name` picks a built-in source, or one of EXTERNAL_SOURCES: a builder
+`build(data, split) -> source` of an upper package, imported on demand (so this module imports none).
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from typing import Callable
 
@@ -30,9 +38,13 @@ from starflow2_jax.data.folder import FolderSource
 from starflow2_jax.data.shapesworld import ShapesWorldSource
 from starflow2_jax.data.tfds_source import TfdsSource
 
-DATASETS = ("digits", "shapesworld", "folder", "tfds")
+# Sources of upper packages, by data.name: "module:function", imported on demand (no import cycle).
+EXTERNAL_SOURCES = {"pretzel": "starflow2_jax.pretzel.examples:build_source"}
+DATASETS = ("digits", "shapesworld", "folder", "tfds", *EXTERNAL_SOURCES)
 _FLIP_STREAM = 1  # sub-stream id of the flip draws in the (seed, element, stream) RNG
 INDEX_KEY = "index"  # batches' record indices (not a task field)
+ELEMENT_KEY = "element"  # a training record's stream position, for the transform's own seeded draws
+RECORDS_KEY = "records"  # a packed record's list of records
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -66,15 +78,31 @@ def build_source(data: ml_collections.ConfigDict, split: str):
     return FolderSource(data.dir, data.image_size, data.channels)
   if data.name == "tfds":
     return TfdsSource(data.tfds_name, data.data_dir, split)
+  if data.name in EXTERNAL_SOURCES:
+    module, builder = EXTERNAL_SOURCES[data.name].split(":")
+    return getattr(importlib.import_module(module), builder)(data, split)
   raise UserError(f"data.name={data.name!r}: expected one of {DATASETS}")
 
 
-def _checked_image(record: dict, i: int, image_shape: tuple) -> np.ndarray:
-  img = np.asarray(record["image"])
+def _checked_image(img, i: int, image_shape: tuple) -> np.ndarray:
+  img = np.asarray(img)
   if img.shape != image_shape:
     raise UserError(f"record {i}: image shape {img.shape}, expected {image_shape} from "
                     "data.image_size and data.channels")
   return img
+
+
+def _map_images(record: dict, fn: Callable[[np.ndarray], np.ndarray]) -> dict:
+  """A copy of the record with fn applied to "image", every entry of "images" and, inside "records",
+  to every sub-record's images."""
+  r = dict(record)
+  if "image" in r:
+    r["image"] = fn(r["image"])
+  if "images" in r:
+    r["images"] = [fn(im) for im in r["images"]]
+  if RECORDS_KEY in r:
+    r[RECORDS_KEY] = [_map_images(sub, fn) for sub in r[RECORDS_KEY]]
+  return r
 
 
 def _stack(rows: list[dict]) -> dict:
@@ -100,10 +128,10 @@ class GlobalBatchLoader:
     """Stream element k (global position): the task's transform of the augmented record."""
     n = len(self.source)
     i = int(self._perm(k // n)[k % n])
-    r = dict(self.source[i])
-    r["image"] = _checked_image(r, i, self.image_shape)
+    r = _map_images(self.source[i], lambda im: _checked_image(im, i, self.image_shape))
     if self.flip and np.random.default_rng([self.seed, k, _FLIP_STREAM]).random() < 0.5:
-      r["image"] = r["image"][:, ::-1]
+      r = _map_images(r, lambda im: im[:, ::-1])
+    r[ELEMENT_KEY] = np.int64(k)
     return {**self.transform(r), INDEX_KEY: np.int64(i)}
 
   def __call__(self, step: int) -> dict:
@@ -145,8 +173,6 @@ def eval_batches(data: ml_collections.ConfigDict, source, batch_size: int,
   for start in range(0, n, batch_size):
     rows = []
     for i in range(start, min(n, start + batch_size)):
-      r = dict(source[i])
-      r["image"] = _checked_image(r, i, shape)
-      rows.append(transform(r))
+      rows.append(transform(_map_images(source[i], lambda im, i=i: _checked_image(im, i, shape))))
     yield _stack(rows)
 

@@ -40,7 +40,8 @@ def _draw(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fil
     d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
 
 
-def _relation(a: dict, b: dict) -> str:
+def relation(a: dict, b: dict) -> str:
+  """Where shape a is relative to shape b: "to the left of", "to the right of", "above" or "below"."""
   dx, dy = b["x"] - a["x"], b["y"] - a["y"]
   if abs(dx) >= abs(dy):
     return "to the left of" if dx > 0 else "to the right of"
@@ -103,7 +104,7 @@ class ShapesWorldSource:
     if len(shapes) == 1:
       return f"a {shapes[0]['size']} {shapes[0]['colour']} {shapes[0]['kind']}"
     if len(shapes) == 2:
-      return f"{name(shapes[0])} {_relation(shapes[0], shapes[1])} {name(shapes[1])}"
+      return f"{name(shapes[0])} {relation(shapes[0], shapes[1])} {name(shapes[1])}"
     return f"{name(shapes[0])}, {name(shapes[1])} and {name(shapes[2])}"
 
   @staticmethod

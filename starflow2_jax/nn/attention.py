@@ -215,15 +215,20 @@ def _remat(step_cls, policy: str):
   return nn.remat(step_cls, policy=saveable, prevent_cse=False)  # no CSE barrier needed inside scan
 
 
-def causal_mask(t: int, valid=None, cache: KVCache | None = None):
+def causal_mask(t: int, valid=None, cache: KVCache | None = None, segment_ids=None):
   """Boolean attention mask broadcastable to [B, H, T, S].
 
-  Without a cache: query i sees keys j <= i (S = T), and only valid keys if `valid` [B, T] is given.
+  Without a cache: query i sees keys j <= i (S = T), and only valid keys if `valid` [B, T] is given,
+  and only keys of its own segment if `segment_ids` [B, T] int is given (packed sequences).
   With a cache: the T queries sit at slots index..index+T-1 and see slots <= their own that are valid.
   """
   if cache is None:
     m = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    if segment_ids is not None:
+      m = m & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return m if valid is None else m & valid[:, None, None, :]
+  if segment_ids is not None:
+    raise ValueError("segment_ids (packed sequences) are for the cache-free forward only")
   q_pos = cache.index + jnp.arange(t)
   k_pos = jnp.arange(cache.max_len)
   m = (k_pos[None, :] <= q_pos[:, None])[None, None]
@@ -237,7 +242,8 @@ class Transformer(nn.Module):
   x: [B, T, d]; angles: [B, T, head_dim/2] (RoPE only); valid: [B, T] bool, False for pad tokens
   (masked as keys); cache: KVCache or None; q_scale: [B] attention temperature factor or None;
   residual_adds: optional {0-based layer j: [B, T, d]} added to the residual stream before layer j;
-  taps: 1-based layers j whose raw output (the residual stream after layer j) is returned.
+  taps: 1-based layers j whose raw output (the residual stream after layer j) is returned;
+  segment_ids: [B, T] int or None: attention stays inside a segment (packing; no cache).
   Returns (h [B, T, d], new cache or None, hidden) where hidden is {j: [B, T, d]} for every j in taps,
   and for every layer 1..L when `collect_hidden`.
   """
@@ -245,7 +251,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, angles=None, valid=None, cache: KVCache | None = None, q_scale=None,
-               residual_adds=None, collect_hidden: bool = False, taps: Sequence[int] = ()):
+               residual_adds=None, collect_hidden: bool = False, taps: Sequence[int] = (),
+               segment_ids=None):
     cfg = self.cfg
     b, t, _ = x.shape
     for j in list(taps) + [j + 1 for j in residual_adds or {}]:
@@ -259,7 +266,7 @@ class Transformer(nn.Module):
       cache = cache.replace(
           valid=jax.lax.dynamic_update_slice(cache.valid, valid, _slot_index(0, cache.index)))
       index = cache.index
-    mask = causal_mask(t, valid, cache)
+    mask = causal_mask(t, valid, cache, segment_ids)
     h = nn.with_logical_constraint(x.astype(cfg.dtype), layers.ACT_EMBED)
     kv = None if cache is None else (cache.k, cache.v)
     tap_init = {j: jnp.zeros_like(h) for j in taps}

@@ -264,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   final = state.ema_params if state.ema_params is not None else state.params
   export = os.path.join(workdir, f"params_{step:07d}")
   if not int(multihost_utils.broadcast_one_to_all(np.int32(os.path.exists(export)))):
-    summary["export"] = ckpt.save_params(export, {"params": final}, config, {
+    exported = final if task.export_fn is None else task.export_fn(final, task.frozen)
+    summary["export"] = ckpt.save_params(export, {"params": exported}, config, {
         "step": step, "weights": "ema" if state.ema_params is not None else "params",
         "source": "launch.train"})
   if int(config.log.eval_examples) != 0:

@@ -35,6 +35,8 @@ class Task:
   headline: the train metric shown in the progress bar next to the loss (a key of `loss_fn`'s terms).
   tokens_per_example: tokens the model processes per example (for tokens/s).
   frozen / frozen_shardings: the non-trainable subtree (e.g. a pretrained VLM) and its shardings.
+  export_fn(params, frozen) -> the parameter tree the run exports (e.g. with the frozen parts and
+    statistics over the training data); None: the trained params as they are.
   """
   record_transform: Callable[[dict], dict]
   init_fn: Callable[[jax.Array], Any]
@@ -47,3 +49,4 @@ class Task:
   tokens_per_example: int
   frozen: Any = None
   frozen_shardings: Any = None
+  export_fn: Callable | None = None

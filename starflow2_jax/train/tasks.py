@@ -15,6 +15,8 @@ from starflow2_jax.train.task import Task
 
 TASKS = {
     "flow": "starflow2_jax.train.flow_task:build",
+    "fae": "starflow2_jax.train.fae_task:build",
+    "starflow2": "starflow2_jax.train.pretzel_task:build",
 }
 
 

@@ -144,22 +144,25 @@ class Qwen2_5_VL(nn.Module):
     return nn.with_logical_constraint(x, layers.ACT_EMBED)
 
   def logits(self, h: jax.Array) -> jax.Array:
-    """Final-normed hidden states [B, T, d] -> float32 logits [B, T, V]."""
+    """Final-normed hidden states [B, T, d] -> float32 logits [B, T, V] (float64 for float64 states)."""
     if self.cfg.tie_word_embeddings:
       out = self.embed_tokens.attend(h)
     else:
       out = self.lm_head(h)
-    return nn.with_logical_constraint(out.astype(jnp.float32), layers.ACT_VOCAB)
+    return nn.with_logical_constraint(out.astype(jnp.promote_types(out.dtype, jnp.float32)),
+                                      layers.ACT_VOCAB)
 
   def __call__(self, tokens: jax.Array | None = None, *, positions: jax.Array,
                embeds: jax.Array | None = None, valid: jax.Array | None = None,
                cache: KVCache | None = None, image_embeds: jax.Array | None = None,
                image_index: jax.Array | None = None, collect_hidden: bool = False,
-               taps: Sequence[int] = (), return_logits: bool = True) -> dict:
+               taps: Sequence[int] = (), return_logits: bool = True,
+               segment_ids: jax.Array | None = None) -> dict:
     """Language model forward.
 
     tokens [B, T] int (or embeds [B, T, d]); positions [B, T, 3] M-RoPE ids; valid [B, T] bool
-    (False = pad, masked as a key); cache: KVCache or None. Returns a dict:
+    (False = pad, masked as a key); cache: KVCache or None; segment_ids [B, T] int or None (packed
+    sequences: attention stays inside a segment; no cache). Returns a dict:
       hidden [B, T, d]     final-normed output (Hugging Face `hidden_states[-1]`)
       logits [B, T, V]     float32 (when return_logits)
       cache                the updated cache (None without a cache)
@@ -176,7 +179,8 @@ class Qwen2_5_VL(nn.Module):
       if not 1 <= j <= self.cfg.num_layers:
         raise ValueError(f"tap layer {j} out of range: expected 1..{self.cfg.num_layers}")
     h, cache, per_layer = self.layers(x, angles=angles, valid=valid, cache=cache,
-                                      collect_hidden=collect_hidden, taps=() if collect_hidden else taps)
+                                      collect_hidden=collect_hidden, taps=() if collect_hidden else taps,
+                                      segment_ids=segment_ids)
     hidden = self.norm(h)
     out = {"hidden": hidden, "cache": cache, "taps": {j: per_layer[j] for j in taps}}
     if collect_hidden:
