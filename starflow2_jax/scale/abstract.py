@@ -8,7 +8,8 @@ The step is the loop's own (`train.step.make_train_step` over `train.tasks.build
 shardings of the config's mesh: the trainable parameters, the optimizer state (and EMA), the task's
 frozen subtree (a pretrained VLM / FAE) and one global batch. Any registered task compiles; the batch's
 fields are the task's `record_transform` of a synthetic record (zeros of the data config's image shape,
-label 0, empty texts).
+label 0, a text-to-image record with empty texts). A task whose builder draws frozen weights must give
+them as ShapeDtypeStructs when `parallel.compile_only(mesh)` (the STARFlow2 task's random stand-ins).
 
 Platform. On a CPU host compiling for TPU, JAX's default backend is the CPU: every "auto" attention
 kernel of the config (`attention_impl` fields, any section) is resolved for the target platform here
@@ -36,6 +37,8 @@ from starflow2_jax.train.task import Task
 TARGET_ATTENTION = {"tpu": "xla"}
 AUTO_ATTENTION = (None, "auto")
 SYNTHETIC_TEXT = ""  # captions, questions and answers of the synthetic record
+SYNTHETIC_KIND = "text_to_image"  # the synthetic record's example kind (Pretzel sequences)
+RGB = 3  # channels of a synthetic image when the data config names none
 ATTENTION_FIELD = "attention_impl"
 
 
@@ -68,9 +71,10 @@ def for_target(config: ml_collections.ConfigDict, platform: str) -> ml_collectio
 
 
 def _synthetic_record(data: ml_collections.ConfigDict) -> dict:
-  size, channels = int(data.image_size), int(data.channels)
+  size, channels = int(data.image_size), int(data.get("channels", RGB))
   return {"image": np.zeros((size, size, channels), np.uint8), "label": np.int32(0),
-          "caption": SYNTHETIC_TEXT, "questions": [SYNTHETIC_TEXT], "answers": [SYNTHETIC_TEXT]}
+          "kind": SYNTHETIC_KIND, "caption": SYNTHETIC_TEXT, "questions": [SYNTHETIC_TEXT],
+          "answers": [SYNTHETIC_TEXT]}
 
 
 def example_spec(config: ml_collections.ConfigDict, task: Task) -> dict[str, jax.ShapeDtypeStruct]:
@@ -80,7 +84,7 @@ def example_spec(config: ml_collections.ConfigDict, task: Task) -> dict[str, jax
   except Exception as e:  # a task whose transform needs real records names itself here
     raise UserError(f"model_kind={config.model_kind!r}: its record_transform does not take a synthetic "
                     f"record (zeros of data.image_size={config.data.image_size}, "
-                    f"data.channels={config.data.channels}, empty texts): {type(e).__name__}: {e}") from e
+                    "a text-to-image record with empty texts): {type(e).__name__}: {e}") from e
   return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in example.items()}
 
 
