@@ -155,7 +155,8 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
       compiled_flops=hf.flops * n if hf else None,
       xla_cost_flops=float(cost["flops"]) * n if "flops" in cost else None,
       analytical_flops=counted.total,
-      analytical={"trained": counted.trained, "frozen": counted.frozen, "attention": counted.attention,
+      analytical={"trained": counted.trained, "frozen": counted.frozen,
+                  "frozen_backward": counted.frozen_backward, "attention": counted.attention,
                   "tokens": counted.tokens},
       peak_flops=topo.peak_flops, xla_optimal_seconds=cost.get("optimal_seconds"),
       largest_buffers=[],
@@ -193,8 +194,10 @@ def format_report(r: Report) -> str:
     lines.append("  to fit: shard more (mesh.shape fsdp / tensor), remat (model.remat=full), a smaller "
                  "train.batch_size with train.grad_accum, or a larger slice")
   a = r.analytical
+  back = f", 2ND backward through frozen {a['frozen_backward']:.4g}" if a["frozen_backward"] else ""
   lines.append(f"  analytical FLOPs per step {r.analytical_flops:.4g} (6ND trained {a['trained']:.4g}, "
-               f"2ND frozen {a['frozen']:.4g}, attention {a['attention']:.4g}; {a['tokens']:,} tokens)")
+               f"2ND frozen {a['frozen']:.4g}{back}, attention {a['attention']:.4g}; {a['tokens']:,} "
+               "tokens)")
   if r.compiled_flops:
     lines.append(f"  compiled FLOPs per step {r.compiled_flops:.4g} (matmuls, loops x trip counts"
                  f"{'; %d loops of unknown trip count counted once' % r.unknown_loops if r.unknown_loops else ''}"
