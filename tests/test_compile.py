@@ -229,3 +229,64 @@ def test_libtpu_is_quiet_without_tpu_chips():
   assert "TPU_WORKER_HOSTNAMES" in stderr(_LIST_DEVICES)  # what a plain `import jax` prints here
   quiet = stderr("import starflow2_jax; " + _LIST_DEVICES)
   assert "TPU_WORKER_HOSTNAMES" not in quiet and "host bounds" not in quiet, quiet
+
+
+# --- golden sharding of the STARFlow2 paper config -------------------------------------------------
+
+STARFLOW2_GOLDEN = os.path.join(ROOT, "tests", "golden", "sharding_starflow2_qwen7b.json")
+STARFLOW2_MESHES = {"pod64": (1, 16, 4), "v5p64": (1, 8, 4)}  # the config's mesh; 32 v5p chips
+
+
+def starflow2_layout() -> dict:
+  """{mesh: {tree: {path: {"shape", "spec"}}}} of the paper config (stage 3) under its logical rules:
+  the trainable Pretzel parameters and the frozen VLM and FAE, from jax.eval_shape on AbstractMeshes."""
+  import flax.linen as nn
+  from configs import starflow2_qwen7b
+  from starflow2_jax import parallel
+  from starflow2_jax.pretzel import config as pconfig, model as pmodel
+  from starflow2_jax.train import pretzel_task
+  from starflow2_jax.vlm import tokenizer as tok_lib
+  from starflow2_jax.vlm.model import abstract_params
+  from test_sharding_golden import _flat, _spec_json
+  c = starflow2_qwen7b.get_config("stage=3")
+  fae = pretzel_task.fae_of(c)
+  vocab = tok_lib.load_tokenizer(c.tokenizer).get_vocab_size(with_added_tokens=True)
+  cfg = pconfig.from_config(c, vlm=pconfig.qwen_config(c.vlm), latent_grid=fae.grid,
+                            latent_channels=fae.channels, text_vocab=vocab)
+  model = pmodel.Pretzel(cfg)
+  trees = {"trainable": jax.eval_shape(lambda r: pmodel.init_params(model, r), jax.random.key(0)),
+           "vlm": abstract_params(cfg.vlm), "fae": fae.abstract_params(with_stats=True)}
+  rules = parallel.logical_rules(c)
+  out = {}
+  for mesh_name, sizes in STARFLOW2_MESHES.items():
+    mesh = jax.sharding.AbstractMesh(sizes, parallel.MESH_AXES)
+    out[mesh_name] = {}
+    for tree_name, tree in trees.items():
+      specs = _flat(parallel.logical_to_specs(tree, mesh, rules))
+      shapes = _flat(nn.unbox(tree))
+      out[mesh_name][tree_name] = {p: {"shape": list(shapes[p].shape), "spec": _spec_json(s)}
+                                   for p, s in specs.items()}
+  return out
+
+
+def test_starflow2_paper_sharding_matches_golden():
+  """Regenerate after an intended layout change: PYTHONPATH=$PWD python tests/test_compile.py"""
+  import json
+  with open(STARFLOW2_GOLDEN) as f:
+    golden = json.load(f)
+  found = starflow2_layout()
+  for mesh_name in STARFLOW2_MESHES:
+    for tree in ("trainable", "vlm", "fae"):
+      want, got = golden[mesh_name][tree], found[mesh_name][tree]
+      assert sorted(got) == sorted(want), (mesh_name, tree, sorted(set(got) ^ set(want))[:10])
+      diffs = [f"{p}: golden {want[p]}, found {got[p]}" for p in sorted(got) if got[p] != want[p]]
+      assert not diffs, f"{mesh_name}/{tree}: layout changed:\n" + "\n".join(diffs[:20])
+
+
+if __name__ == "__main__":
+  import json
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  with open(STARFLOW2_GOLDEN, "w") as f:
+    json.dump(starflow2_layout(), f, indent=1, sort_keys=True)
+    f.write("\n")
+  print("wrote", STARFLOW2_GOLDEN)
