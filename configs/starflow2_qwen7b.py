@@ -34,6 +34,9 @@ def get_config(arg=None):
       "checkpoint": "",  # a converted Qwen2.5-VL-7B-Instruct (launch.convert); "": random (shapes only)
       "image_positions": "mrope",
       "model": vlm.model})
+  # the frozen VLM stream's remat: gradients pass through it (to the adapter and shallow blocks), so
+  # its activations would be kept; recomputing each layer is what fits a pod (launch.compile)
+  config.vlm.model.remat = "full"
   config.fae = fae_dinov2_g14.fae_config()
   config.fae.checkpoint = ""  # the trained FAE (configs/fae_dinov2_g14.py, its pixel_recon export)
   config.model = ml_collections.ConfigDict({

@@ -185,7 +185,7 @@ def test_saved_step_runs_and_refuses_another_run(cpu_report, tmp_path):
   batch = {k: jax.device_put(rng.integers(0, 10, s.shape).astype(s.dtype), s.sharding)
            for k, s in plan.batch.items()}
   key = jax.random.key(1)
-  _, want = plan.train_step(_initial_state(plan), plan.frozen, batch, key)
+  _, want = cpu_report.compiled(_initial_state(plan), plan.frozen, batch, key)
   _, got = loaded(_initial_state(plan), plan.frozen, batch, key)
   assert float(got["loss"]) == float(want["loss"]) and np.isfinite(float(got["loss"]))
 
