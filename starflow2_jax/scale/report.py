@@ -99,10 +99,14 @@ def _memory(compiled) -> dict[str, int]:
   return {k: int(v) for k, v in mem.items()}
 
 
+ARG_NAMES = ("state", "frozen", "batch", "rng")  # the train step's arguments
+
+
 def largest_buffers(args: Any, n: int = LARGEST_BUFFERS) -> list[tuple[str, int]]:
-  """The n largest per-chip argument buffers (path, bytes of one shard) of abstract sharded args."""
+  """The n largest per-chip argument buffers (path, bytes of one shard) of the train step's abstract
+  sharded arguments (state, frozen, batch, rng)."""
   out = []
-  for path, x in jax.tree_util.tree_flatten_with_path(args)[0]:
+  for path, x in jax.tree_util.tree_flatten_with_path(dict(zip(ARG_NAMES, args)))[0]:
     shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
     out.append((jax.tree_util.keystr(path), math.prod(shard) * x.dtype.itemsize))
   return sorted(out, key=lambda p: -p[1])[:n]
