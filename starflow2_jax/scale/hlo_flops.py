@@ -27,8 +27,8 @@ import re
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _ARRAY = re.compile(r"^[a-z]+\d*\[([\d,]*)\]")
-_OPERAND = re.compile(r"%([\w.\-]+)")
-_CALLS = re.compile(r"\b(?:calls|to_apply|body|true_computation|false_computation)=%([\w.\-]+)")
+_OPERAND = re.compile(r"%?([\w.\-]+)")  # optimized HLO text prefixes names with %, unoptimized not
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
@@ -193,8 +193,8 @@ def count(hlo_text: str) -> HloFlops:
     for name, type_text, opcode, rest in comps.get(comp, ()):
       total += _op_flops(opcode, shapes[name], rest, shapes)
       if opcode == "while":
-        body = re.search(r"\bbody=%([\w.\-]+)", rest)
-        cond = re.search(r"\bcondition=%([\w.\-]+)", rest)
+        body = re.search(r"\bbody=%?([\w.\-]+)", rest)
+        cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
         trip = _TRIP.search(rest)
         init = (_operands(rest) or [None])[0]
         n = int(trip.group(1)) if trip else (

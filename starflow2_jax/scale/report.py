@@ -58,6 +58,7 @@ class Report:
   largest_buffers: list[tuple[str, int]]  # (argument path, bytes per chip), largest first
   compiler_message: str  # the compiler's out-of-memory message, when it gave one
   unknown_loops: int
+  flops_source: str  # which HLO the compiled FLOPs were counted on
   lower_seconds: float
   compile_seconds: float
   compiled: Any = dataclasses.field(default=None, repr=False)  # jax.stages.Compiled (None: no fit)
@@ -112,6 +113,18 @@ def largest_buffers(args: Any, n: int = LARGEST_BUFFERS) -> list[tuple[str, int]
   return sorted(out, key=lambda p: -p[1])[:n]
 
 
+def _count_flops(compiled, lowered, devices: int) -> tuple[hlo_flops.HloFlops, str, int]:
+  """(counted FLOPs, source, multiplier to the whole step). The optimized per-device HLO; when the
+  backend cannot print it back (libtpu's RET_CHECK on some async instructions), the unoptimized
+  global HLO of the lowering: the same program before SPMD partitioning and XLA's passes."""
+  try:
+    return hlo_flops.count(compiled.as_text()), "optimized per-device HLO", devices
+  except Exception as e:  # JaxRuntimeError from the backend
+    reason = str(e).splitlines()[0][:120]
+    text = lowered.compiler_ir(dialect="hlo").as_hlo_text()
+    return hlo_flops.count(text), f"unoptimized global HLO (the optimized one: {reason})", 1
+
+
 def _cost(compiled) -> dict:
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
@@ -145,9 +158,11 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
   counted = model_flops.train_step_flops(plan.config, params, plan.trainable, plan.frozen,
                                          plan.task.tokens_per_example)
   memory = _memory(compiled) if compiled is not None else None
-  hf = hlo_flops.count(compiled.as_text()) if compiled is not None else None
-  cost = _cost(compiled) if compiled is not None else {}
   n = len(devices)
+  hf, flops_source, per_device = None, "", 1
+  if compiled is not None:
+    hf, flops_source, per_device = _count_flops(compiled, lowered, n)
+  cost = _cost(compiled) if compiled is not None else {}
   leaves = jax.tree.leaves(params)
   return Report(
       config_name=config_name, topology=topo.name, device_kind=devices[0].device_kind, devices=n,
@@ -156,7 +171,7 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
       trainable_params=sum(x.size for x, t in zip(leaves, jax.tree.leaves(plan.trainable)) if t),
       frozen_params=sum(x.size for x in jax.tree.leaves(plan.frozen)) if plan.frozen is not None else 0,
       hbm_bytes=None, memory=memory, fits=None,
-      compiled_flops=hf.flops * n if hf else None,
+      compiled_flops=hf.flops * per_device if hf else None, flops_source=flops_source,
       xla_cost_flops=float(cost["flops"]) * n if "flops" in cost else None,
       analytical_flops=counted.total,
       analytical={"trained": counted.trained, "frozen": counted.frozen,
@@ -203,7 +218,8 @@ def format_report(r: Report) -> str:
                f"2ND frozen {a['frozen']:.4g}{back}, attention {a['attention']:.4g}; {a['tokens']:,} "
                "tokens)")
   if r.compiled_flops:
-    lines.append(f"  compiled FLOPs per step {r.compiled_flops:.4g} (matmuls, loops x trip counts"
+    lines.append(f"  compiled FLOPs per step {r.compiled_flops:.4g} (matmuls of the {r.flops_source}, loops x "
+                 "trip counts"
                  f"{'; %d loops of unknown trip count counted once' % r.unknown_loops if r.unknown_loops else ''}"
                  f"); compiled / analytical = {r.flop_ratio:.3f}")
   if r.xla_cost_flops:
