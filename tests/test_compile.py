@@ -221,8 +221,8 @@ _LIST_DEVICES = "import jax; jax.devices()"
 
 @needs_libtpu
 def test_libtpu_is_quiet_without_tpu_chips():
-  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES",
-                                                          "TPU_HOST_BOUNDS")}
+  from starflow2_jax.scale import tpu_env
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and k not in tpu_env.QUIET_ENV}
   env["PYTHONPATH"] = ROOT
 
   def stderr(code):

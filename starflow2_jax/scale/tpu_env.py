@@ -17,6 +17,7 @@ import os
 # driven, any number of processes may load libtpu at once (compiles side by side, tests).
 QUIET_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1",
              "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+SLICE_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS")  # a user who sets these describes a slice
 GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips appear as PCI devices of this vendor (jax hardware_utils)
 PCI_DEVICES = "/sys/bus/pci/devices"
 
@@ -34,11 +35,13 @@ def has_tpu_chips() -> bool:
 
 
 def quiet_without_tpu() -> bool:
-  """Set `QUIET_ENV` when libtpu is installed, this machine has no TPU chips and none of the variables
-  is set. Call before JAX first lists devices. Returns True if it set them."""
-  if any(k in os.environ for k in QUIET_ENV) or importlib.util.find_spec("libtpu") is None:
+  """Set `QUIET_ENV` (each variable the user has not set) when libtpu is installed, this machine has no
+  TPU chips and the user describes no slice (`SLICE_VARS`). Call before JAX first lists devices.
+  Returns True if it set them."""
+  if any(k in os.environ for k in SLICE_VARS) or importlib.util.find_spec("libtpu") is None:
     return False
   if has_tpu_chips():
     return False
-  os.environ.update(QUIET_ENV)
+  for k, v in QUIET_ENV.items():
+    os.environ.setdefault(k, v)
   return True
