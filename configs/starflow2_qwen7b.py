@@ -13,7 +13,9 @@ stage warm-starts from the previous one:
   python -m launch.train --config=configs/starflow2_qwen7b.py:stage=3 --workdir=/runs/s2_stage3 \
       --config.init_from=/runs/s2_stage2 ...   (mixed data)
 
-Mesh: 64 devices as (fsdp 16, tensor 4) by default; the logical rules are the project's table
+Mesh: tensor 4, FSDP over the remaining devices (64 devices: fsdp 16); batch 1024 in 16 micro-batches.
+`python -m launch.compile --config=configs/starflow2_qwen7b.py:stage=3 --topology=v5p-64` (32 chips):
+19.7 GiB per chip of 95, compiled / analytical FLOPs 1.20. The logical rules are the project's table
 (`parallel.DEFAULT_LOGICAL_RULES`: weights' embed over fsdp, mlp / heads / vocab over tensor; the batch
 over data x fsdp).
 """
@@ -34,6 +36,9 @@ def get_config(arg=None):
       "checkpoint": "",  # a converted Qwen2.5-VL-7B-Instruct (launch.convert); "": random (shapes only)
       "image_positions": "mrope",
       "model": vlm.model})
+  # the frozen VLM stream's remat: gradients pass through it (to the adapter and shallow blocks), so
+  # its activations would be kept; recomputing each layer is what fits a pod (launch.compile)
+  config.vlm.model.remat = "full"
   config.fae = fae_dinov2_g14.fae_config()
   config.fae.checkpoint = ""  # the trained FAE (configs/fae_dinov2_g14.py, its pixel_recon export)
   config.model = ml_collections.ConfigDict({
@@ -53,7 +58,8 @@ def get_config(arg=None):
   config.train.lr = 6.4e-5
   config.train.warmup = 5_000
   config.train.clip_norm = 1.0
-  config.mesh.shape = {"data": 1, "fsdp": 16, "tensor": 4}
+  config.train.grad_accum = 16  # micro-batches of 64 rows: stage 3 fits a v5p-64 (launch.compile)
+  config.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 4}
   config.checkpoint.every = 2000
   config.log.every = 100
   config.log.num_samples = 0

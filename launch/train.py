@@ -1,6 +1,7 @@
 """Train from a config file: `python -m launch.train --config=configs/<experiment>.py --workdir=DIR
 [--config.field=value ...]`. Resumes from WORKDIR's latest checkpoint. Multi-process runs (TPU pods,
 SLURM) are detected by `jax.distributed`; pass --coordinator/--num_processes/--process_id otherwise.
+--compiled_step=FILE runs a step compiled ahead of time by `launch.compile --save=FILE`.
 Library logs (orbax, grain, jax) below WARNING are shown when --verbosity is given (0: INFO, 1: DEBUG)."""
 from absl import flags, logging
 from ml_collections import config_flags
@@ -13,6 +14,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
+_COMPILED_STEP = flags.DEFINE_string("compiled_step", None, "a train step saved by `launch.compile "
+                                     "--save` for this config and slice: run it instead of compiling")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,7 +28,7 @@ def main(argv):
   import jax
   if jax.process_index() != 0:  # absl logging from process 0; the others only warn
     logging.set_verbosity(logging.WARNING)
-  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, compiled_step=_COMPILED_STEP.value)
   logging.info("done: %s", {k: v for k, v in summary.items() if k != "metrics"})
 
 

@@ -244,6 +244,18 @@ def inference_mesh(fsdp: int, tensor: int) -> jax.sharding.Mesh:
   return make_mesh({"shape": {"data": 1, "fsdp": fsdp, "tensor": tensor}}, jax.devices()[:n])
 
 
+def compile_only(mesh) -> bool:
+  """True for a mesh over devices nothing can be placed on: an AbstractMesh, or the devices of a TPU
+  topology description (`launch.compile` on any machine). Builders then give shapes, not arrays."""
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return True
+  device = mesh.devices.flat[0]
+  try:
+    return device not in jax.local_devices(backend=device.platform)
+  except RuntimeError:  # no backend of that platform in this process
+    return True
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
   """Leading (batch) axis split over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

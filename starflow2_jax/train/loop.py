@@ -31,6 +31,7 @@ from starflow2_jax import ckpt, logging_utils, parallel
 from starflow2_jax.data import pipeline
 from starflow2_jax.errors import UserError
 from starflow2_jax.train import checkpointing, mfu, optimizer, state as state_lib, step as step_lib, tasks
+from starflow2_jax.scale import saved as saved_step
 from starflow2_jax.train import warm_start
 from starflow2_jax.train.task import Task
 
@@ -162,9 +163,10 @@ def _initial_state(config, task: Task, tx, init_rng, mesh, rules, state_sh, abst
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       task: Task | None = None) -> dict[str, Any]:
+                       task: Task | None = None, compiled_step: str | None = None) -> dict[str, Any]:
   """Train `config` in `workdir`, resuming from its latest checkpoint. Returns a summary dict
-  (final step, last metrics, held-out metrics, steps/s)."""
+  (final step, last metrics, held-out metrics, steps/s). `compiled_step`: a train step saved by
+  `launch.compile --save` for this config and slice, run instead of compiling one."""
   validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -212,7 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       local = {k: v for k, v in next(data_iter).items() if k != pipeline.INDEX_KEY}
       batch = parallel.make_global_batch(local, mesh, global_batch)
       if compiled is None:  # compile once, ahead of time: the cost analysis gives FLOPs for MFU
-        compiled = train_step.lower(state, task.frozen, batch, step_rng).compile()
+        args = (state, task.frozen, batch, step_rng)
+        compiled = (saved_step.load(compiled_step, config, args, mesh) if compiled_step
+                    else train_step.lower(*args).compile())
         flops = _flops_per_step(compiled)
         peak = mfu.peak(float(tc.peak_flops)) if flops > 0 else None
         t_window = time.time()

@@ -21,6 +21,15 @@ PEAK_BF16_FLOPS = (
     ("h200", 989e12), ("h100", 989e12),
     ("a100", 312e12),
 )
+# HBM bytes per chip (JAX device), by a lower-case substring of device_kind (the most specific first)
+GIB = 2 ** 30
+HBM_BYTES = (
+    ("v6 lite", 32 * GIB), ("v6e", 32 * GIB),
+    ("v5 lite", 16 * GIB), ("v5e", 16 * GIB),
+    ("v5p", 95 * GIB), ("v5", 95 * GIB),
+    ("v4", 32 * GIB),
+    ("h200", 141 * 10 ** 9), ("h100", 80 * GIB),
+)
 MATMUL_SIZE = 1024  # M = N = K of the start-up matmul
 MATMUL_REPEATS = 5  # timed calls; the fastest is the peak
 
@@ -29,6 +38,12 @@ def chip_peak(device_kind: str) -> float | None:
   """The table's bf16 peak for a device kind (e.g. "TPU v5 lite", "NVIDIA H100 80GB HBM3"), or None."""
   kind = device_kind.lower()
   return next((peak for key, peak in PEAK_BF16_FLOPS if key in kind), None)
+
+
+def chip_hbm(device_kind: str) -> int | None:
+  """The table's HBM bytes per chip for a device kind, or None (unknown, e.g. a CPU)."""
+  kind = device_kind.lower()
+  return next((hbm for key, hbm in HBM_BYTES if key in kind), None)
 
 
 def measured_matmul_peak(n: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:

@@ -106,8 +106,11 @@ def random_frozen(abstract, mesh, rules, seed):
   """A random stand-in for a frozen component (tiny configs and tests: no checkpoint), drawn in NumPy
   from the abstract (boxed) tree, placed by the logical rules: kernels and tables N(0, 1/fan_in),
   norm scales and latent std 1, biases and latent mean 0, other vectors N(0, RANDOM_VECTOR_STD^2).
-  The same on every process (seeded)."""
+  The same on every process (seeded). On a compile-only mesh (`launch.compile`): ShapeDtypeStructs."""
   shardings = parallel.logical_to_shardings(abstract, mesh, rules)
+  if parallel.compile_only(mesh):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(abstract), shardings)
   rng = np.random.default_rng(seed)
 
   def leaf(path, x, sharding):

@@ -1,0 +1,64 @@
+"""Compile a config's train step ahead of time for a TPU slice (on any machine) and report its cost:
+
+  python -m launch.compile --config=configs/tarflow_imagenet64.py --topology=v5p-64 \
+      [--config.train.batch_size=512 ...] [--save=/tmp/step.pkl] [--json=/tmp/report.json]
+
+--topology: a Cloud TPU name (v5p-64 = 32 chips: v4 and v5p count TensorCores, v5e and v6e chips),
+an explicit chip grid (v5p:2x4x4, v5e:16x16), or cpu / cpu:N (this host's devices). TPU targets need
+libtpu (`pip install -e '.[tpu]'`); no TPU is used. Nothing is allocated: parameters, optimizer
+state, the frozen subtree and the batch are abstract, sharded on the config's mesh over the slice.
+
+Prints per-chip memory (arguments, outputs, temporaries, total against HBM), whether it fits (the
+largest buffers when not), compiled and analytical FLOPs per step and their ratio, and the step time
+and examples/s at the chip's peak and at 50% of it (arithmetic, not a measurement).
+--save=FILE writes the compiled step; `launch.train --compiled_step=FILE` on that slice runs it.
+Exit status 0 when the step fits (or the fit is unknown), 3 when it does not.
+"""
+import json
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from starflow2_jax import entry
+from starflow2_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=False)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v5e-256, v4-128, v6e-64, v5p:2x4x4, cpu[:N]")
+_SAVE = flags.DEFINE_string("save", None, "write the compiled train step here (never overwritten)")
+_JSON = flags.DEFINE_string("json", None, "write the report as JSON here (never overwritten)")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "per-chip memory (GiB) to check the step against; 0: the "
+                              "chip's HBM (train.mfu's table; none for a CPU)")
+flags.mark_flags_as_required(["config", "topology"])
+NO_FIT_EXIT = 3  # exit status when the step does not fit the chip's HBM
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}: every option is a --flag")
+  for path in (_SAVE.value, _JSON.value):
+    if path and os.path.exists(path):
+      raise UserError(f"{path} exists; choose a new file name (outputs are never overwritten)")
+  from starflow2_jax.scale import report, saved
+  config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  if _HBM_GIB.value < 0:
+    raise UserError(f"--hbm_gib={_HBM_GIB.value}: expected a positive size in GiB, or 0 for the chip's HBM")
+  rep = report.compile_report(_CONFIG.value, _TOPOLOGY.value, config_name,
+                              int(_HBM_GIB.value * report.GIB) or None)
+  print(report.format_report(rep))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(rep.to_json(), f, indent=2)
+  if _SAVE.value:
+    if rep.compiled is None:
+      raise UserError(f"--save={_SAVE.value}: the step does not fit {rep.topology}, nothing to save")
+    platform = rep.plan.mesh.devices.flat[0].platform
+    print("saved the compiled step to", saved.save(_SAVE.value, rep.compiled, _CONFIG.value, platform,
+                                                   rep.plan.args, rep.plan.mesh))
+  if rep.fits is False:
+    sys.exit(NO_FIT_EXIT)
+
+
+if __name__ == "__main__":
+  entry.run(main)
