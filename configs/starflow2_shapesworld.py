@@ -25,23 +25,27 @@ from starflow2_jax.train.pretzel_task import TOY_TOKENIZER, loss_defaults
 from starflow2_jax.vlm.config import experiment_config
 
 EXCLUDED = (("red", "circle"), ("blue", "triangle"))  # never in a training scene; held out they are
+LATENT_PATCH = 2  # the FAE's 8 x 8 latents as 4 x 4 = 16 flow tokens of 2 x 2 x 32 = 128 channels
 MAX_IMAGES = 3  # an interleaved document of a three-shape scene shows three images
-# three image spans of 8 x 8 latents (+2 specials each) and the text of an interleaved document
-MAX_LEN = 256
+# a row: two text-to-image or understanding examples (~55 tokens each: templates, text, an image span of
+# 16 latents + 2), or one interleaved document of up to three image spans
+MAX_LEN = 112
+PACK = 2
 MIXTURES = {
     1: {"text_to_image": 3.0, "understanding": 0.0, "editing": 0.0, "interleaved": 1.0},
     2: {"text_to_image": 0.0, "understanding": 1.0, "editing": 0.0, "interleaved": 0.0},
     3: {"text_to_image": 2.0, "understanding": 2.0, "editing": 0.0, "interleaved": 1.0},
 }
-STEPS = {1: 1200, 2: 400, 3: 600}
+STEPS = {1: 1000, 2: 300, 3: 500}
+GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt: caption dropout 0.1)
 SMOKE_STEPS = 3
 
 
 def flow_model() -> ml_collections.ConfigDict:
   """The flow stream (pretzel.config.PretzelConfig fields)."""
   return ml_collections.ConfigDict({
-      "width": 128, "head_dim": 32, "mlp_ratio": 4, "deep_layers": 3, "shallow_blocks": 2,
-      "shallow_layers": 1, "latent_patch": 1, "noise_std": 0.3, "deep_rope": "mrope",
+      "width": 96, "head_dim": 32, "mlp_ratio": 4, "deep_layers": 3, "shallow_blocks": 2,
+      "shallow_layers": 1, "latent_patch": LATENT_PATCH, "noise_std": 0.3, "deep_rope": "mrope",
       "deep_rope_sections": [4, 6, 6], "adapter_hidden": 128, "skip_taps": [],
       "stage1_vlm_prefix": 0, "dtype": "float32", "param_dtype": "float32",
       "attention_impl": "auto", "remat": "none"})
@@ -74,6 +78,7 @@ def get_config(arg=None):
   config.data.image_size = fae_shapesworld.IMAGE_SIZE
   config.data.max_len = MAX_LEN
   config.data.max_images = MAX_IMAGES
+  config.data.pack = PACK
   config.data.mixture = dict(MIXTURES[stage])
   config.data.shapes_num_train = 20_000
   config.data.shapes_num_test = 128
@@ -88,6 +93,7 @@ def get_config(arg=None):
   config.log.every = 50
   config.log.num_samples = 0
   config.log.eval_examples = 64
+  config.sample.guidance = GUIDANCE
   if smoke:
     config.train.steps = SMOKE_STEPS
     config.train.warmup = 1
