@@ -42,6 +42,7 @@ def fae_config(phase: str = "head") -> ml_collections.ConfigDict:
       "pixel": {"width": 1024, "layers": 24, "heads": 16, "head_dim": 64, "mlp_hidden": 4096,
                 "norm_eps": 1e-6, "rope_base": 10000.0},
       "beta_kl": 1e-4,
+      "logvar_offset": 0.0,
       "pixel_noise": 0.4,
       "phase": phase,
       "frozen_from": "",

@@ -32,9 +32,10 @@ def fae_config() -> ml_collections.ConfigDict:
       "head_dim": 32,
       "decoder": {"width": 64, "layers": 2, "heads": 2, "head_dim": 32, "mlp_hidden": 128,
                   "norm_eps": 1e-6, "rope_base": 10000.0},
-      "pixel": {"width": 96, "layers": 3, "heads": 3, "head_dim": 32, "mlp_hidden": 256,
+      "pixel": {"width": 64, "layers": 2, "heads": 2, "head_dim": 32, "mlp_hidden": 128,
                 "norm_eps": 1e-6, "rope_base": 10000.0},
       "beta_kl": 1e-4,
+      "logvar_offset": -5.0,  # posterior std e^-2.5 at init: a short run cannot wait for it to shrink
       "pixel_noise": 0.4,
       "phase": "joint",
       "frozen_from": "",
@@ -56,13 +57,13 @@ def get_config(arg=None):
   config.data.shapes_num_train = 20_000
   config.data.shapes_num_test = 500
   config.train.batch_size = 32
-  config.train.steps = 1500
-  config.train.lr = 1e-3
-  config.train.warmup = 100
+  config.train.steps = 800
+  config.train.lr = 2e-3
+  config.train.warmup = 50
   config.train.weight_decay = 0.0
-  config.checkpoint.every = 500
+  config.checkpoint.every = 400
   config.checkpoint.keep = 1
   config.log.every = 100
-  config.log.sample_every = 500
+  config.log.sample_every = 400
   config.log.num_samples = 16
   return config

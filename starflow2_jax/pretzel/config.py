@@ -15,7 +15,6 @@ It composes
 Experiment-config sections read here:
   config.model   the flow-stream fields of `FLOW_FIELDS` below
   config.vlm     {checkpoint: "", model: {QwenConfig fields}}
-  config.stage   1 | 2 | 3 (STARFLOW2.md 5.4; `pretzel.stages`)
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ from starflow2_jax.nn.attention_ops import IMPLEMENTATIONS
 from starflow2_jax.vlm.model import TOKEN_FIELDS, QwenConfig
 
 DEEP_ROPES = ("mrope", "1d")
-STAGES = (1, 2, 3)
 
 
 def _dtype(field: str, name: str):
@@ -208,10 +206,6 @@ def from_config(config: ml_collections.ConfigDict, *, vlm: QwenConfig, latent_gr
     if any(len(t) != 2 for t in taps):
       raise UserError(f"model.skip_taps: expected a list of [vlm_layer, deep_layer] pairs, found {taps}")
     d["skip_taps"] = tuple((int(i), int(j)) for i, j in taps)
-  stage = config.get("stage", 3)
-  if stage not in STAGES:
-    raise UserError(f"config.stage: expected one of {STAGES}, found {stage!r}; pick the training stage "
-                    "(configs take it as get_config('stage=N'))")
   return PretzelConfig(vlm=vlm, latent_grid=tuple(int(s) for s in latent_grid),
                        latent_channels=int(latent_channels), text_vocab=int(text_vocab),
                        specials=specials, **d)

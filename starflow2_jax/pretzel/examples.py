@@ -8,17 +8,17 @@
                    question CAPTION_QUESTION, with its answer, drawn per record
     editing        "add a blue square" (source without the scene's last shape), "remove the blue
                    square" (the reverse), or for one shape "make the red circle small"
-    interleaved    the scene drawn one shape at a time: "here is a large red circle: <image> and here it
-                   is above a blue square: <image>"; a one-shape scene continues with the next record's
-                   scene ("... and here is a green cross: <image>")
+    interleaved    the scene drawn one shape at a time: "here is a large red circle:<image> and here it
+                   is above a blue square:<image>"; a one-shape scene continues with the next record's
+                   scene ("... and here is a small green cross:<image>")
   folder       a caption folder of the user's (`CaptionFolder`: captions.jsonl as data/folder.py, or
                images with same-named .txt captions): text_to_image and understanding (captioning)
   tfds         a tfds array_record dataset with image and caption fields (data/tfds_source.py): the same
                two kinds
   data.mixture = {kind: weight}: record j of the mixture is a kind drawn with these weights from
-  (data.mixture_seed, j) and a record of that kind's source drawn from the same RNG (`Mixture`; length
-  data.mixture_size, 0: the base source's length). data.pack > 1 groups data.pack consecutive mixture
-  records into one packed record (`Packed`).
+  (data.mixture_seed, j) and a record of that kind's source drawn from the same RNG (`Mixture`, of
+  length data.mixture_size in the training split, else or when 0 the base source's length).
+  data.pack > 1 groups data.pack consecutive mixture records into one packed record (`Packed`).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   data.update({"name": "pretzel", "image_size": 32, "channels": 3, "flip": False})
   data.examples_from = "shapesworld"  # shapesworld | folder | tfds
   data.mixture = {"text_to_image": 1.0, "understanding": 1.0, "editing": 0.0, "interleaved": 0.0}
-  data.mixture_size = 0  # records per epoch of the mixture (0: the base source's length)
+  data.mixture_size = 0  # records per training epoch of the mixture (0: the base source's length)
   data.mixture_seed = 0  # the mixture's draws (which kind and record each mixture record is)
   data.pack = 1  # examples per row (> 1: packing)
   data.max_len = 1024
@@ -99,15 +99,15 @@ def shapes_edit(shapes: list[dict], rng: np.random.Generator) -> tuple[str, list
 def shapes_interleaved(shapes: list[dict], more: list[dict]) -> tuple[str, list, list[list[dict]]]:
   """(prompt, parts, the scene of each image): `shapes` drawn one shape at a time; a one-shape scene
   continues with the scene `more` (the next record's)."""
-  parts, scenes = [f"here is {_sized(shapes[0])}: ", 0], [shapes[:1]]
+  parts, scenes = [f"here is {_sized(shapes[0])}:", 0], [shapes[:1]]
   if len(shapes) == 1:
-    parts += [f" and here is {ShapesWorldSource.caption(more)}: ", 1]
+    parts += [f" and here is {ShapesWorldSource.caption(more)}:", 1]
     scenes.append(more)
     prompt = f"draw {_sized(shapes[0])}, then {ShapesWorldSource.caption(more)}."
   else:
     for m, s in enumerate(shapes[1:], 1):
-      text = (f" and here it is {relation(shapes[0], s)} {_name(s)}: " if m == 1 else
-              f" and now with {_name(s)} too: ")
+      text = (f" and here it is {relation(shapes[0], s)} {_name(s)}:" if m == 1 else
+              f" and now with {_name(s)} too:")
       parts += [text, m]
       scenes.append(shapes[:m + 1])
     prompt = f"draw {ShapesWorldSource.caption(shapes)}, one shape at a time."
@@ -272,7 +272,11 @@ def build_source(data: ml_collections.ConfigDict, split: str):
   `pipeline.build_source` returns for data.name = "pretzel")."""
   if int(data.channels) != 3:
     raise UserError(f"data.channels={data.channels}: Pretzel examples are RGB, set data.channels=3")
+  if data.flip and data.examples_from == "shapesworld":
+    raise UserError("data.flip=True would mirror ShapesWorld images whose texts say left and right: "
+                    "set data.flip=False")
   weights = _check_weights(data.mixture)
   sources, n = kind_sources(data, split, sorted(weights))
-  mix = Mixture(sources, weights, int(data.mixture_size) or n, data.mixture_seed)
+  size = int(data.mixture_size) if split == data.train_split else 0
+  mix = Mixture(sources, weights, size or n, data.mixture_seed)
   return Packed(mix, int(data.pack)) if int(data.pack) > 1 else mix

@@ -46,7 +46,7 @@ longer than max_len is a UserError.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -93,7 +93,8 @@ class SequenceSpec:
     if len(self.grid) != 2 or min(self.grid) < 1:
       raise UserError(f"SequenceSpec.grid={self.grid}: expected (h, w), two positive latent grid sides")
     if self.image_positions not in POSITION_MODES:
-      raise UserError(f"image_positions={self.image_positions!r}: expected one of {POSITION_MODES}")
+      raise UserError(f"image_positions (vlm.image_positions)={self.image_positions!r}: expected one of "
+                      f"{POSITION_MODES}")
     if not 0.0 <= float(self.caption_dropout) <= 1.0:
       raise UserError(f"data.caption_dropout={self.caption_dropout}: expected a probability in [0, 1]")
 
@@ -127,8 +128,13 @@ class Example:
     return len(self.tokens)
 
 
-# A piece of the sequence: (ids, supervised, image index or -1, truncatable text?).
-_Piece = tuple
+class _Piece(NamedTuple):
+  """A run of tokens: ids, whether predicting them is supervised, the record's image index of latent
+  slots (-1: not latents), whether it is user or assistant text (truncatable)."""
+  ids: list
+  supervised: bool
+  image: int
+  text: bool
 
 
 def _field(record: dict, name: str, kind: str):
@@ -161,6 +167,10 @@ def conversation(record: dict, spec: SequenceSpec) -> tuple[list, list]:
   if kind not in KINDS:
     raise UserError(f"record field 'kind'={kind!r}: expected one of {KINDS}; found fields {sorted(record)}")
   text = [_field(record, f, kind) for f in TEXT_FIELDS[kind]]
+  bad = [f for f, v in zip(TEXT_FIELDS[kind], text) if f != "parts" and not isinstance(v, str)]
+  if bad:
+    raise UserError(f"a {kind!r} record's field(s) {bad} must be strings, found "
+                    f"{[type(record[f]).__name__ for f in bad]}")
   images = _images(record, kind, spec)
   if kind in NUM_IMAGES and len(images) != NUM_IMAGES[kind]:
     raise UserError(f"a {kind!r} record needs {NUM_IMAGES[kind]} image(s), found {len(images)}")
@@ -171,6 +181,9 @@ def conversation(record: dict, spec: SequenceSpec) -> tuple[list, list]:
   elif kind == "editing":
     turns = [("user", [0, text[0]]), ("assistant", [1])]
   else:
+    if not isinstance(text[1], (list, tuple)):
+      raise UserError(f"an 'interleaved' record's 'parts' must be a list of strings and image indices, "
+                      f"found {type(text[1]).__name__}")
     parts = list(text[1])
     refs = [p for p in parts if not isinstance(p, str)]
     if any(not isinstance(p, (int, np.integer)) or not 0 <= p < len(images) for p in refs) or \
@@ -229,36 +242,36 @@ class SequenceBuilder:
     pieces = []
     for t, (role, parts) in enumerate(full):
       sup = role == "assistant"
-      pieces.append(([ids.im_start, *self._header[role]], False, -1, False))
+      pieces.append(_Piece([ids.im_start, *self._header[role]], False, -1, False))
       for p in parts:
         if isinstance(p, str):
-          pieces.append((self.encode(p), sup, -1, role != "system"))
+          pieces.append(_Piece(self.encode(p), sup, -1, role != "system"))
         else:
-          pieces.append(([ids.vision_start], sup, -1, False))
-          pieces.append(([ids.image_pad] * n_lat, False, p, False))
-          pieces.append(([ids.vision_end], False, -1, False))  # forced: never a text target
-      pieces.append(([ids.im_end], sup, -1, False))
+          pieces.append(_Piece([ids.vision_start], sup, -1, False))
+          pieces.append(_Piece([ids.image_pad] * n_lat, False, p, False))
+          pieces.append(_Piece([ids.vision_end], False, -1, False))  # forced: never a text target
+      pieces.append(_Piece([ids.im_end], sup, -1, False))
       if t + 1 < len(full):
-        pieces.append((self._newline, False, -1, False))
+        pieces.append(_Piece(self._newline, False, -1, False))
     return pieces
 
   def _truncate(self, pieces: list[_Piece], kind: str) -> list[_Piece]:
-    total = sum(len(p[0]) for p in pieces)
+    total = sum(len(p.ids) for p in pieces)
     max_len = self.spec.max_len
     if total <= max_len:
       return pieces
-    text = [i for i, p in enumerate(pieces) if p[3]]
-    fixed = total - sum(len(pieces[i][0]) for i in text)
+    text = [i for i, p in enumerate(pieces) if p.text]
+    fixed = total - sum(len(pieces[i].ids) for i in text)
     if fixed > max_len:
-      spans = sum(1 for p in pieces if p[2] >= 0)
+      spans = sum(1 for p in pieces if p.image >= 0)
       raise UserError(
           f"a {kind!r} example needs {fixed} tokens without any of its text ({spans} image span(s) of "
           f"{self.spec.num_latents + 2} tokens plus the chat template), more than data.max_len={max_len}:"
           " raise data.max_len, or use fewer images or a smaller latent grid")
-    kept = _cut([len(pieces[i][0]) for i in text], max_len - fixed)
+    kept = _cut([len(pieces[i].ids) for i in text], max_len - fixed)
     out = list(pieces)
     for i, k in zip(text, kept):
-      out[i] = (pieces[i][0][:k],) + tuple(pieces[i][1:])
+      out[i] = pieces[i]._replace(ids=pieces[i].ids[:k])
     return out
 
   def example(self, record: dict, drop_caption: bool = False) -> Example:
@@ -279,11 +292,11 @@ class SequenceBuilder:
       raise UserError(f"a {record['kind']!r} example has {len(order)} images, more than "
                       f"data.max_images={spec.max_images}: raise data.max_images")
     slot = {p: s for s, p in enumerate(order)}
-    tokens = np.concatenate([np.asarray(p[0], np.int32) for p in pieces])
-    supervised = np.concatenate([np.full(len(p[0]), p[1], bool) for p in pieces])
-    image = np.concatenate([np.full(len(p[0]), slot.get(p[2], -1), np.int32) for p in pieces])
-    cell = np.concatenate([np.arange(len(p[0]), dtype=np.int32) if p[2] >= 0 else
-                           np.full(len(p[0]), -1, np.int32) for p in pieces])
+    tokens = np.concatenate([np.asarray(p.ids, np.int32) for p in pieces])
+    supervised = np.concatenate([np.full(len(p.ids), p.supervised, bool) for p in pieces])
+    image = np.concatenate([np.full(len(p.ids), slot.get(p.image, -1), np.int32) for p in pieces])
+    cell = np.concatenate([np.arange(len(p.ids), dtype=np.int32) if p.image >= 0 else
+                           np.full(len(p.ids), -1, np.int32) for p in pieces])
     positions, _ = mrope_positions(tokens[None], None, [spec.grid] * len(order), self.ids.image_pad,
                                    spec.image_positions)
     flow_loss = [roles[p] == "assistant" or spec.nf_on_input_images for p in order]

@@ -81,6 +81,10 @@ def _placed(tree, abstract, mesh, rules):
 def frozen_parts(fae: FAE, parts: tuple[str, ...], mesh, rules, seed: int):
   """The frozen subtree {part: params} of the parts that do not train (see the module docstring)."""
   spec = fae.spec
+  if spec.phase == "pixel_recon" and not spec.frozen_from:
+    raise UserError("fae.phase='pixel_recon' decodes the frozen head's and feature decoder's "
+                    "reconstructions: set fae.frozen_from to the FAE of the head phase (its export or "
+                    "workdir)")
   stored = None
   if spec.frozen_from:
     stored, path = warm_start.load(spec.frozen_from)
@@ -89,7 +93,7 @@ def frozen_parts(fae: FAE, parts: tuple[str, ...], mesh, rules, seed: int):
   for i, part in enumerate(PARTS):
     if part in parts:
       continue
-    abstract = jax.eval_shape(fae.init_part, part, jax.random.key(0))
+    abstract = jax.eval_shape(lambda r, p=part: fae.init_part(p, r), jax.random.key(0))
     if part == "trunk" and spec.dinov2_checkpoint:
       _, params, cfg = dinov2_lib.load_dinov2(spec.dinov2_checkpoint, mesh, rules)
       check_same_model(spec.dinov2, cfg, spec.dinov2_checkpoint)
@@ -104,8 +108,8 @@ def frozen_parts(fae: FAE, parts: tuple[str, ...], mesh, rules, seed: int):
       out[part] = _placed(stored[part], abstract, mesh, rules)
     else:
       if spec.phase == "pixel_recon" and part in ("head", "feature_decoder"):
-        raise UserError(f"fae.phase='pixel_recon' decodes the frozen {part}'s reconstructions: set "
-                        "fae.frozen_from to the FAE of the head phase (its export or workdir)")
+        raise UserError(f"fae.frozen_from={spec.frozen_from} holds no {part}: pixel_recon needs the "
+                        "FAE of the head phase")
       if part == "trunk":
         logging.warning("fae: the frozen DINOv2 trunk is randomly initialised (set "
                         "fae.dinov2_checkpoint to a converted DINOv2)")

@@ -27,7 +27,6 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -47,6 +46,8 @@ from starflow2_jax.vlm.model import Qwen2_5_VL, abstract_params
 
 TOY_TOKENIZER = "toy"  # config.tokenizer: the ShapesWorld toy tokenizer, trained once into the cache
 VISION_TOWER = "visual"  # the Qwen vision tower's subtree: not on the STARFlow2 path (STARFLOW2.md 4.1)
+RANDOM_VECTOR_STD = 0.02  # random frozen stand-ins: vectors other than norms and biases (embeddings' std)
+_VLM_STREAM, _FAE_STREAM = 1, 2  # sub-streams of the random frozen stand-ins' seeds
 
 
 def loss_defaults() -> ml_collections.ConfigDict:
@@ -101,13 +102,31 @@ def check_row(row: dict, num_latents: int, vlm_prefix: int = 0) -> None:
                         "whole sequence) or shorten data.max_len")
 
 
-def _placed_init(init, abstract, mesh, rules, rng):
-  """Run `init(rng)` (boxed tree) born sharded by the logical rules; -> the unboxed tree."""
+def random_frozen(abstract, mesh, rules, seed):
+  """A random stand-in for a frozen component (tiny configs and tests: no checkpoint), drawn in NumPy
+  from the abstract (boxed) tree, placed by the logical rules: kernels and tables N(0, 1/fan_in),
+  norm scales and latent std 1, biases and latent mean 0, other vectors N(0, RANDOM_VECTOR_STD^2).
+  The same on every process (seeded)."""
   shardings = parallel.logical_to_shardings(abstract, mesh, rules)
-  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x, sharding):
+    name = str(getattr(path[-1], "key", path[-1]))
+    dtype = np.dtype(x.dtype)
+    if name in ("scale", "std"):
+      arr = np.ones(x.shape, dtype)
+    elif name in ("bias", "mean"):
+      arr = np.zeros(x.shape, dtype)
+    elif len(x.shape) >= 2:
+      arr = (rng.normal(size=x.shape) / np.sqrt(x.shape[-2])).astype(dtype)
+    else:
+      arr = (RANDOM_VECTOR_STD * rng.normal(size=x.shape)).astype(dtype)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+  return jax.tree_util.tree_map_with_path(leaf, nn.unbox(abstract), shardings)
 
 
-def frozen_vlm(config: ml_collections.ConfigDict, mesh, rules, rng):
+def frozen_vlm(config: ml_collections.ConfigDict, mesh, rules, seed):
   """-> (Qwen2_5_VL language model, its params without the vision tower, QwenConfig)."""
   checkpoint = config.vlm.get("checkpoint", "")
   if checkpoint:
@@ -116,25 +135,26 @@ def frozen_vlm(config: ml_collections.ConfigDict, mesh, rules, rng):
     params = {k: v for k, v in params.items() if k != VISION_TOWER}
   else:
     qcfg = pconfig.qwen_config(config.vlm)
-    model = Qwen2_5_VL(qcfg)
-    logging.warning("config.vlm.checkpoint is empty: the frozen VLM is randomly initialised")
-    init = lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32),  # noqa: E731
-                                positions=jnp.zeros((1, 1, 3), jnp.int32))["params"]
-    params = _placed_init(init, abstract_params(qcfg), mesh, rules, rng)
+    logging.warning("config.vlm.checkpoint is empty: the frozen VLM is random (random_frozen)")
+    params = random_frozen(abstract_params(qcfg), mesh, rules, seed)
   return Qwen2_5_VL(qcfg), params, qcfg
 
 
-def frozen_fae(config: ml_collections.ConfigDict, mesh, rules, rng):
+def fae_of(config: ml_collections.ConfigDict) -> FAE:
+  """The FAE that config.fae describes (its fields other than `checkpoint`)."""
+  return FAE(ml_collections.ConfigDict({k: v for k, v in config.fae.to_dict().items()
+                                        if k != "checkpoint"}))
+
+
+def frozen_fae(config: ml_collections.ConfigDict, mesh, rules, seed):
   """-> (FAE, its params with latent statistics)."""
-  section = {k: v for k, v in config.fae.to_dict().items() if k != "checkpoint"}
   checkpoint = config.fae.get("checkpoint", "")
   if checkpoint:
     return load_fae(checkpoint, mesh, rules)
-  fae = FAE(ml_collections.ConfigDict(section))
-  logging.warning("config.fae.checkpoint is empty: the frozen FAE is randomly initialised (identity "
+  fae = fae_of(config)
+  logging.warning("config.fae.checkpoint is empty: the frozen FAE is random (random_frozen; identity "
                   "latent statistics)")
-  init = lambda r: fae.init(r, with_stats=True, boxed=True)  # noqa: E731
-  return fae, _placed_init(init, fae.abstract_params(with_stats=True), mesh, rules, rng)
+  return fae, random_frozen(fae.abstract_params(with_stats=True), mesh, rules, seed)
 
 
 def _check_data(config: ml_collections.ConfigDict, fae: FAE) -> None:
@@ -160,9 +180,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
   tk_path = tokenizer_path(config.tokenizer)
   tokenizer = tok_lib.load_tokenizer(tk_path)
   specials = special_tokens(tokenizer)
-  rng = jax.random.key(int(config.train.seed))
-  vlm, vlm_params, qcfg = frozen_vlm(config, mesh, rules, jax.random.fold_in(rng, 1))
-  fae, fae_params = frozen_fae(config, mesh, rules, jax.random.fold_in(rng, 2))
+  seed = int(config.train.seed)
+  vlm, vlm_params, qcfg = frozen_vlm(config, mesh, rules, [seed, _VLM_STREAM])
+  fae, fae_params = frozen_fae(config, mesh, rules, [seed, _FAE_STREAM])
   _check_data(config, fae)
   cfg = pconfig.from_config(config, vlm=qcfg, latent_grid=fae.grid, latent_channels=fae.channels,
                             text_vocab=tokenizer.get_vocab_size(with_added_tokens=True),

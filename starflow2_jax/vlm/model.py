@@ -144,12 +144,13 @@ class Qwen2_5_VL(nn.Module):
     return nn.with_logical_constraint(x, layers.ACT_EMBED)
 
   def logits(self, h: jax.Array) -> jax.Array:
-    """Final-normed hidden states [B, T, d] -> float32 logits [B, T, V]."""
+    """Final-normed hidden states [B, T, d] -> float32 logits [B, T, V] (float64 for float64 states)."""
     if self.cfg.tie_word_embeddings:
       out = self.embed_tokens.attend(h)
     else:
       out = self.lm_head(h)
-    return nn.with_logical_constraint(out.astype(jnp.float32), layers.ACT_VOCAB)
+    return nn.with_logical_constraint(out.astype(jnp.promote_types(out.dtype, jnp.float32)),
+                                      layers.ACT_VOCAB)
 
   def __call__(self, tokens: jax.Array | None = None, *, positions: jax.Array,
                embeds: jax.Array | None = None, valid: jax.Array | None = None,
