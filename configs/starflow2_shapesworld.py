@@ -38,6 +38,9 @@ MIXTURES = {
 }
 STEPS = {1: 1000, 2: 300, 3: 500}
 GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt: caption dropout 0.1)
+# generation: a document of three images (3 x 18 positions) with its text after a prompt of ~40 tokens
+SAMPLE_CACHE_LEN = 192
+SAMPLE_MAX_NEW_TOKENS = 128
 SMOKE_STEPS = 3
 
 
@@ -94,6 +97,8 @@ def get_config(arg=None):
   config.log.num_samples = 0
   config.log.eval_examples = 64
   config.sample.guidance = GUIDANCE
+  config.sample.cache_len = SAMPLE_CACHE_LEN
+  config.sample.max_new_tokens = SAMPLE_MAX_NEW_TOKENS
   if smoke:
     config.train.steps = SMOKE_STEPS
     config.train.warmup = 1
