@@ -1,0 +1,253 @@
+"""Whole STARFlow2 requests on a loaded model: text-to-image, understanding, interleaved documents.
+
+  gen = Generator.from_checkpoint("/ckpt/params_0000200")     # launch.train's export (model_kind
+                                                              # starflow2) or any params checkpoint
+  out = gen.run("text_to_image", ["a red circle"], seed=0, guidance=3.6)
+  out["images"][0][0]        # float32 [S, S, 3] in [0, 1]: row 0's first image
+  gen.run("understanding", ["What is this?"], images=uint8 [B, S, S, 3])["text"]
+  gen.run("interleaved", ["Draw two shapes and describe them"])
+
+The frozen VLM and FAE are rebuilt from the stored config exactly as training built them (their
+checkpoints, or the seeded random init of tiny configs: `train.pretzel_task.frozen_vlm / frozen_fae`).
+
+Sampling settings (`config.sample`, all optional; arguments of `run` override):
+  guidance (0: none; needs a model trained with data.caption_dropout > 0), guidance_rule ("" or
+  "gaussian" | "linear"), cfg_anneal, temperature (image noise tau, 1), text_temperature (0 = greedy),
+  top_p (1), max_new_tokens (512; text-to-image: N + 1), cache_len (data.max_len), jacobi_block (0 = off),
+  jacobi_threshold (1e-3), jacobi_max_iter (32), jacobi_exact_cache (true), denoise ("score" | "none"),
+  understanding_noise (true).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from starflow2_jax import ckpt, parallel
+from starflow2_jax.errors import UserError
+from starflow2_jax.flows.guidance import Guidance
+from starflow2_jax.flows.sampling import Jacobi
+from starflow2_jax.generate import decode, loop, prompts
+from starflow2_jax.pretzel import config as pconfig, model as pmodel
+from starflow2_jax.pretzel.sequence import PretzelTransform, SequenceSpec
+from starflow2_jax.pretzel.tokens import special_tokens
+from starflow2_jax.train import pretzel_task
+from starflow2_jax.vlm import tokenizer as tok_lib
+
+MODEL_KIND = "starflow2"
+_NOISE_STREAM = 2  # the understanding-noise sub-key of a request's seed (0, 1: the loop's streams)
+
+
+def sample_settings(config: ml_collections.ConfigDict) -> dict:
+  """config.sample with the defaults of the module docstring."""
+  s = config.get("sample", ml_collections.ConfigDict())
+  get = lambda k, d: s.get(k, d) if s.get(k, None) is not None else d  # noqa: E731
+  return {"guidance": float(get("guidance", 0.0)), "guidance_rule": get("guidance_rule", "") or "gaussian",
+          "cfg_anneal": bool(get("cfg_anneal", False)), "temperature": float(get("temperature", 1.0)),
+          "text_temperature": float(get("text_temperature", 0.0)), "top_p": float(get("top_p", 1.0)),
+          "max_new_tokens": int(get("max_new_tokens", 512)),
+          "cache_len": int(get("cache_len", config.data.max_len)),
+          "jacobi_block": int(get("jacobi_block", 0)), "jacobi_threshold": float(get("jacobi_threshold", 1e-3)),
+          "jacobi_max_iter": int(get("jacobi_max_iter", 32)),
+          "jacobi_exact_cache": bool(get("jacobi_exact_cache", True)), "denoise": get("denoise", "score"),
+          "understanding_noise": bool(get("understanding_noise", True))}
+
+
+@dataclasses.dataclass
+class Generator:
+  """A loaded STARFlow2 model: the Pretzel (`model`, `params`), the frozen VLM and FAE, the prompt
+  builder (the training tokenisation), the experiment config."""
+  config: ml_collections.ConfigDict
+  model: pmodel.Pretzel
+  params: dict
+  vlm: object
+  vlm_params: dict
+  fae: object
+  fae_params: dict
+  transform: PretzelTransform
+
+  @classmethod
+  def from_checkpoint(cls, checkpoint: str) -> "Generator":
+    config = ckpt.load_config(checkpoint)
+    kind = config.get("model_kind")
+    if kind != MODEL_KIND:
+      raise UserError(f"{checkpoint}: config.model_kind={kind!r}, expected {MODEL_KIND!r}")
+    return cls.build(config, lambda abstract: ckpt.load_params(checkpoint, {"params": abstract})["params"])
+
+  @classmethod
+  def build(cls, config: ml_collections.ConfigDict, load_params=None) -> "Generator":
+    """From an experiment config; load_params(abstract tree) -> params (None: the seeded init)."""
+    mesh = parallel.make_mesh({"shape": {"data": 1, "fsdp": 1, "tensor": 1}}, jax.devices()[:1])
+    rules = parallel.logical_rules(config)
+    rng = jax.random.key(int(config.train.seed))
+    tk_path = pretzel_task.tokenizer_path(config.tokenizer)
+    tokenizer = tok_lib.load_tokenizer(tk_path)
+    vlm, vlm_params, qcfg = pretzel_task.frozen_vlm(config, mesh, rules, jax.random.fold_in(rng, 1))
+    fae, fae_params = pretzel_task.frozen_fae(config, mesh, rules, jax.random.fold_in(rng, 2))
+    cfg = pconfig.from_config(config, vlm=qcfg, latent_grid=fae.grid, latent_channels=fae.channels,
+                              text_vocab=tokenizer.get_vocab_size(with_added_tokens=True),
+                              specials=special_tokens(tokenizer))
+    model = pmodel.Pretzel(cfg)
+    init = lambda r: pmodel.init_params(model, r)  # noqa: E731
+    if load_params is None:
+      params = jax.jit(lambda r: nn.unbox(init(r)))(rng)
+    else:
+      params = load_params(nn.unbox(jax.eval_shape(init, rng)))
+    spec = dataclasses.replace(
+        SequenceSpec.from_config(config.data, cfg.token_grid, config.vlm.get("image_positions", "mrope")),
+        max_len=1 << 30, max_images=1 << 10, caption_dropout=0.0)  # prompts are never cut or dropped
+    return cls(config, model, params, vlm, vlm_params, fae, fae_params, PretzelTransform(spec, tk_path))
+
+  # -- pieces ------------------------------------------------------------------------------------
+  @property
+  def cfg(self):
+    return self.model.cfg
+
+  @property
+  def builder(self):
+    return self.transform.builder
+
+  def settings(self, **overrides) -> dict:
+    s = sample_settings(self.config)
+    s.update({k: v for k, v in overrides.items() if v is not None})
+    return s
+
+  def check_images(self, images) -> np.ndarray:
+    images = np.asarray(images)
+    size = self.fae.image_size
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
+      raise UserError(f"input images: expected uint8 [B, {size}, {size}, 3] (the FAE's fae.image_size="
+                      f"{size}, RGB), found {images.dtype} {list(images.shape)}; resize them to "
+                      f"{size}x{size}")
+    return images
+
+  def _guidance(self, s: dict) -> Guidance:
+    g = Guidance(weight=s["guidance"], rule=s["guidance_rule"], anneal=s["cfg_anneal"])
+    if g.active and float(self.config.data.get("caption_dropout", 0.0)) <= 0:
+      raise UserError(f"guidance={g.weight} needs the null prompt, but this model was trained with "
+                      f"data.caption_dropout={self.config.data.get('caption_dropout', 0.0)} (it never saw "
+                      "the null template); use guidance=0")
+    return g
+
+  # -- a whole request ---------------------------------------------------------------------------
+  def run(self, kind: str, texts: Sequence[str], images=None, seed: int = 0, **overrides) -> dict:
+    """kind: one of prompts.KINDS; texts: one caption / question / prompt per conversation; images:
+    uint8 [B, S, S, 3] (understanding only). overrides: any key of `sample_settings`.
+    Returns {prompt_ids: [list per row], generated_ids: [list per row (latents as <|image_pad|>)],
+    text: [str per row] (the generated text, specials dropped), images: [[float32 [S, S, 3]] per row],
+    jacobi_iters: [int per chunk] (Jacobi only)}."""
+    if kind not in prompts.KINDS:
+      raise UserError(f"generation kind {kind!r}: expected one of {prompts.KINDS}")
+    cfg, sp = self.cfg, self.cfg.specials
+    s = self.settings(**overrides)
+    if s["denoise"] not in decode.DENOISE:
+      raise UserError(f"sample.denoise={s['denoise']!r}: expected one of {decode.DENOISE}")
+    g = self._guidance(s)
+    texts = list(texts)
+    b = len(texts)
+    key = jax.random.key(int(seed))
+    u_images = None
+    if kind == "understanding":
+      if images is None or len(images) != b:
+        raise UserError(f"understanding needs one input image per question: {b} question(s), "
+                        f"{0 if images is None else len(images)} image(s)")
+      u_images = decode.input_latents(self.model, self.params, self.fae, self.fae_params,
+                                      jnp.asarray(self.check_images(images)),
+                                      jax.random.fold_in(key, _NOISE_STREAM), s["understanding_noise"])
+    elif images is not None:
+      raise UserError(f"input images are for understanding prompts, not {kind!r}")
+    guided = g.active and kind != "understanding"
+    rows = [prompts.prompt_tokens(self.builder, kind, t) for t in texts]
+    if guided:
+      rows += [prompts.prompt_tokens(self.builder, kind, t, null=True) for t in texts]
+      u_images = None if u_images is None else jnp.concatenate([u_images, u_images])
+    m = cfg.num_latents + 1 if kind == "text_to_image" else s["max_new_tokens"]
+    batch = prompts.batch(self.builder, rows, s["cache_len"], m)
+    p = prompts.with_input_latents(batch, cfg.token_dim, u_images)
+    jac = (Jacobi(s["jacobi_block"], s["jacobi_threshold"], s["jacobi_max_iter"], s["jacobi_exact_cache"])
+           if s["jacobi_block"] else None)
+    if kind == "understanding":  # no image is generated: <|vision_start|> is never sampled
+      max_images, jac = 0, None
+    else:
+      max_images = 1 if kind == "text_to_image" else int(self.config.data.max_images)
+    gcfg = loop.GenerateConfig(
+        specials=sp, max_new_tokens=m, max_images=max_images,
+        stop_after_images=1 if kind == "text_to_image" else 0, text_temperature=s["text_temperature"],
+        top_p=s["top_p"], temperature=s["temperature"],
+        guidance=g if guided else Guidance(rule=g.rule), jacobi=jac,
+        image_positions=self.builder.spec.image_positions)
+    res = jax.device_get(loop.jitted_generate(self.model, self.vlm, gcfg, self.params, self.vlm_params,
+                                              p, key, b))
+    out = {"prompt_ids": [r.tolist() for r in rows[:b]], "generated_ids": [], "parts": [], "text": [],
+           "images": self._images(batch, res, u_images, s, jac)}
+    for r in range(b):
+      ids = res["tokens"][r][res["valid"][r]].tolist()
+      out["generated_ids"].append(ids)
+      out["parts"].append(self.parts(ids))
+      out["text"].append("".join(p for p in out["parts"][-1] if isinstance(p, str)))
+    if jac is not None:
+      out["jacobi_iters"] = [int(i) for i in res["jacobi_iters"] if i >= 0]
+    return out
+
+  def parts(self, ids: Sequence[int]) -> list:
+    """Generated ids -> the document: text pieces (str, specials dropped) and image indices (int), in
+    order."""
+    sp = self.cfg.specials
+    parts, text, k, inside = [], [], 0, False
+    for i in list(ids) + [sp.vision_start]:
+      if i == sp.vision_start:
+        piece = self.builder.tk.decode(text, skip_special_tokens=True)
+        if piece:
+          parts.append(piece)
+        text, inside = [], True
+        parts.append(k)
+        k += 1
+      elif i == sp.vision_end:
+        inside = False
+      elif not inside:
+        text.append(i)
+    return parts[:-1]
+
+  def _images(self, batch: dict, res: dict, u_images, s: dict, jac) -> list:
+    """Every generated image: shallow inversion, denoising, FAE decode -> [[float32 [S, S, 3]] per row]."""
+    b, num = res["latents"].shape[:2]
+    counts = np.asarray(res["num_images"])
+    if not counts.any():
+      return [[] for _ in range(b)]
+    cfg = self.cfg
+    lat = jnp.asarray(res["latents"])
+    x, _ = _jit_inverse(self.model, jac)(self.params, lat.reshape(b * num, *lat.shape[2:]))
+    x = x.reshape(lat.shape)
+    if s["denoise"] == "score":
+      cond = {k: np.asarray(v)[:b] for k, v in batch.items()}
+      inputs, u = prompts.full_sequence(cond, dict(res, positions=res["positions"][:b]),
+                                        None if u_images is None else u_images[:b])
+      p0 = 0 if u_images is None else u_images.shape[1]
+      x = jnp.stack([_jit_denoise(self.model, self.vlm)(self.params, self.vlm_params, inputs, u,
+                                                        jnp.int32(p0 + k), x[:, k]) for k in range(num)], 1)
+    pixels = np.asarray(_jit_pixels(self.model, self.fae)(self.fae_params, x.reshape(b * num, *x.shape[2:])))
+    pixels = pixels.reshape(b, num, *pixels.shape[1:])
+    return [[pixels[r, k] for k in range(int(counts[r]))] for r in range(b)]
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_inverse(model, jacobi):
+  return jax.jit(functools.partial(decode.shallow_inverse, model, jacobi=jacobi))
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_denoise(model, vlm):
+  def f(params, vlm_params, inputs, u_all, slot, x):
+    return decode.score_denoise(model, params, vlm, vlm_params, inputs, u_all, slot, x)
+  return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_pixels(model, fae):
+  return jax.jit(functools.partial(decode.to_pixels, model, fae))
