@@ -169,10 +169,13 @@ class State:
     return out
 
 
-def latest_eval(workdir: str) -> dict:
-  """The held-out metrics of a finished training phase: its newest eval_<step>[.n].json's "eval"."""
+def latest_eval(workdir: str, required: bool = True) -> dict:
+  """The held-out metrics of a finished training phase: its newest eval_<step>[.n].json's "eval" ({}
+  when it has none and they are not `required`: a run with log.eval_examples=0)."""
   found = sorted((f for f in os.listdir(workdir) if f.startswith("eval_") and f.endswith(".json")),
                  key=lambda f: os.path.getmtime(os.path.join(workdir, f)))
+  if not found and not required:
+    return {}
   if not found:
     raise UserError(f"{workdir} has no eval_<step>.json: its phase did not finish its evaluation; run "
                     "the demo again to resume it")

@@ -83,7 +83,8 @@ def run(workdir: str, smoke: bool = False) -> dict:
       _say(f"[{k}/{total}] eval: generation, detector and QA -> {layout.dir('eval')}")
       state.run(name, lambda: _eval_phase(layout, train["stage3"], size))
   scores = _read_scores(layout)
-  stage_evals = {f"stage{n}": phases_lib.latest_eval(layout.dir(f"stage{n}")) for n in phases_lib.STAGES}
+  stage_evals = {f"stage{n}": phases_lib.latest_eval(layout.dir(f"stage{n}"), required=n == 3)
+                 for n in phases_lib.STAGES}
   wall = {p: state.seconds(p) for p in phases_lib.PHASES}
   result = {
       "size": size, "wall_seconds": wall, "total_seconds": sum(wall.values()),
