@@ -36,7 +36,8 @@ MIXTURES = {
     2: {"text_to_image": 0.0, "understanding": 1.0, "editing": 0.0, "interleaved": 0.0},
     3: {"text_to_image": 2.0, "understanding": 2.0, "editing": 0.0, "interleaved": 1.0},
 }
-STEPS = {1: 1000, 2: 300, 3: 500}
+STEPS = {1: 800, 2: 300, 3: 400}
+LR = {1: 1e-3, 2: 3e-3, 3: 1e-3}  # stage 2 trains the small adapter alone
 GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt: caption dropout 0.1)
 # generation: a document of three images (3 x 18 positions) with its text after a prompt of ~40 tokens
 SAMPLE_CACHE_LEN = 192
@@ -88,7 +89,7 @@ def get_config(arg=None):
   config.data.shapes_exclude = [list(e) for e in EXCLUDED]
   config.train.batch_size = 16
   config.train.steps = STEPS[stage]
-  config.train.lr = 1e-3
+  config.train.lr = LR[stage]
   config.train.warmup = 50
   config.train.weight_decay = 0.0
   config.checkpoint.every = 200

@@ -48,7 +48,9 @@ def test_smoke_demo_writes_every_output_and_resumes(tmp_path, capsys):
   assert all(isinstance(r["prediction"], str) for r in qa)
   with open(os.path.join(root, "eval", "interleaved", "index.html")) as f:
     page = f.read()
-  assert page.startswith("<!DOCTYPE html>") and page.count("<img src='data:image/png;base64,") >= 2
+  # one section per document (a smoke-size model rarely opens an image span by itself)
+  assert page.startswith("<!DOCTYPE html>") and page.endswith("</html>")
+  assert page.count("<section>") == demo_run.EVAL_SIZES["smoke"][2]
 
   for name in phases.PHASES[1:6]:  # every training phase is an ordinary launch.train run
     assert os.path.isfile(os.path.join(root, name, "config.json"))
