@@ -35,7 +35,7 @@ STAGES = (1, 2, 3)
 # The FAE's demo-size overrides (configs/fae_shapesworld.py is shared with other uses).
 FAE_FULL = {"train.steps": 600, "fae.stats_images": 4000}
 FAE_SMOKE = {"train.steps": 3, "train.warmup": 1, "train.batch_size": 8, "log.every": 1,
-             "log.sample_every": 0, "log.num_samples": 2, "log.eval_examples": 8,
+             "log.sample_every": 0, "log.num_samples": 0, "log.eval_examples": 8,
              "fae.stats_images": 16, "data.shapes_num_test": 16}
 
 

@@ -30,6 +30,8 @@ def _eval_phase(layout: phases_lib.Layout, stage3: phases_lib.TrainPhase, size: 
   """Generate, write and score the outputs of evaluate's docstring into DIR/eval (atomically)."""
   from starflow2_jax.demo import generation  # imports the generation stack only when it runs
   final, partial = layout.dir("eval"), layout.dir(EVAL_PARTIAL)
+  if os.path.isfile(os.path.join(final, evaluate.SCORES_FILE)):  # complete, the state not yet marked
+    return _read_scores(layout)
   if os.path.isdir(partial):  # the demo's own leftovers of an interrupted evaluation
     shutil.rmtree(partial)
   os.makedirs(partial)

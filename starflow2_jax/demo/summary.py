@@ -49,7 +49,8 @@ def table(summary: dict) -> str:
   lines = ["", f"STARFlow2 demo ({summary['size']})", "", "wall time per phase"]
   for phase, s in summary["wall_seconds"].items():
     lines.append(f"  {phase:<10} {s:8.1f} s")
-  lines.append(f"  {'total':<10} {summary['total_seconds']:8.1f} s  ({summary['total_seconds'] / 60:.1f} min)")
+  total = summary["total_seconds"]
+  lines.append(f"  {'total':<10} {total:8.1f} s  ({total / 60:.1f} min)")
   lines.append("")
   lines.append(f"latent NLL, held out (stage 3)     {summary['latent_nll']:.4f} nats/dim")
   lm = summary["lm"]
