@@ -36,7 +36,7 @@ MIXTURES = {
     2: {"text_to_image": 0.0, "understanding": 1.0, "editing": 0.0, "interleaved": 0.0},
     3: {"text_to_image": 2.0, "understanding": 2.0, "editing": 0.0, "interleaved": 1.0},
 }
-STEPS = {1: 800, 2: 300, 3: 400}
+STEPS = {1: 800, 2: 600, 3: 400}
 LR = {1: 1e-3, 2: 3e-3, 3: 1e-3}  # stage 2 trains the small adapter alone
 GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt: caption dropout 0.1)
 # generation: a document of three images (3 x 18 positions) with its text after a prompt of ~40 tokens
