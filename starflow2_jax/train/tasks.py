@@ -17,6 +17,7 @@ TASKS = {
     "flow": "starflow2_jax.train.flow_task:build",
     "fae": "starflow2_jax.train.fae_task:build",
     "starflow2": "starflow2_jax.train.pretzel_task:build",
+    "lm": "starflow2_jax.train.lm_task:build",
 }
 
 

@@ -27,25 +27,31 @@ from starflow2_jax.vlm.positions import mrope_positions
 from starflow2_jax.vlm.vision import preprocess_image
 
 GENERATION_FILE = "generation.json"
+LM_KIND = "lm"  # train/lm_task.py: a text-only Qwen2.5 language model trained by launch.train
 
 
 def load_vlm(checkpoint: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
              rules=DEFAULT_LOGICAL_RULES):
-  """A converted checkpoint -> (model, params, config), params the plain tree (the convention of
-  `flows.cli.load_flow` too). dtype: the parameter dtype the caller expects (None = whatever is stored);
-  a different stored dtype is an error, not a silent cast. mesh: restore the parameters sharded by
-  `rules` (None = one device); a `sharding` section of an older checkpoint's config is ignored."""
+  """A converted checkpoint (or an lm run's export) -> (model, params, config), params the plain tree
+  (the convention of `flows.cli.load_flow` too). dtype: the parameter dtype the caller expects (None =
+  whatever is stored); a different stored dtype is an error, not a silent cast. mesh: restore the
+  parameters sharded by `rules` (None = one device); a `sharding` section of an older checkpoint's config
+  is ignored."""
   config = ckpt.load_config(checkpoint)
   kind = config.get("model_kind")
-  if kind != MODEL_KIND:
-    raise UserError(f"{checkpoint}: expected a {MODEL_KIND!r} checkpoint, found model_kind {kind!r}")
+  if kind not in (MODEL_KIND, LM_KIND):
+    raise UserError(f"{checkpoint}: expected a {MODEL_KIND!r} checkpoint (or the export of a "
+                    f"{LM_KIND!r} run), found model_kind {kind!r}")
   cfg = QwenConfig.from_config(config.model)
   if dtype is not None and dtype != cfg.param_dtype:
     raise UserError(f"{checkpoint} stores {cfg.param_dtype} parameters, but {dtype} was requested: "
                     f"re-import with `launch.convert --dtype={dtype}`")
   abstract = abstract_params(cfg)
   shardings = param_shardings(abstract, mesh, rules)
-  params = ckpt.load_params(checkpoint, nn.unbox(abstract), shardings)
+  if kind == LM_KIND:  # launch.train's export of the lm task: {"params": the same tree}
+    params = ckpt.load_params(checkpoint, {"params": nn.unbox(abstract)}, {"params": shardings})["params"]
+  else:
+    params = ckpt.load_params(checkpoint, nn.unbox(abstract), shardings)
   return Qwen2_5_VL(cfg), params, config
 
 

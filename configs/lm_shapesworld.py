@@ -1,0 +1,65 @@
+"""The STARFlow2 demo's "pretrained VLM": a small Qwen2.5-architecture language model pretrained on
+chat-formatted ShapesWorld captions, questions and answers with the toy tokenizer (`model_kind: lm`,
+train/lm_task.py; about a minute on 2 CPU cores).
+
+  python -m launch.train --config=configs/lm_shapesworld.py --workdir=/tmp/lm \
+      --config.tokenizer=/tmp/tok/tokenizer.json
+
+Held-out text CE (nats/token; perplexity = exp), next-token accuracy and exact answers are written to
+WORKDIR/eval_*.json; the export WORKDIR/params_<step>/ is what a STARFlow2 config names as
+config.vlm.checkpoint (configs/starflow2_shapesworld.py). Argument "smoke": a few steps (tests).
+"""
+import ml_collections
+
+from starflow2_jax.errors import UserError
+from starflow2_jax.pretzel import toy_tokenizer
+from starflow2_jax.train.defaults import base_config
+from starflow2_jax.train.lm_task import lm_defaults
+from starflow2_jax.train.pretzel_task import TOY_TOKENIZER
+from starflow2_jax.vlm.tokenizer import DEFAULT_SYSTEM
+
+MAX_LEN = 64  # the longest conversation (system turn, a three-shape caption, a question) is ~50 tokens
+SIZES = ("full", "smoke")
+
+
+def model() -> dict:
+  """The Qwen2.5 language model fields (vlm.model.QwenConfig): tiny, its vocabulary the toy tokenizer's."""
+  return dict(vocab_size=toy_tokenizer.DEFAULT_VOCAB, hidden_size=64, intermediate_size=192,
+              num_layers=2, num_heads=4, num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e4,
+              mrope_section=[2, 3, 3], tie_word_embeddings=False, max_position_embeddings=4096,
+              dtype="float32", param_dtype="float32", remat="none", scan_layers=True, vision=None)
+
+
+def get_config(arg=None):
+  size = arg or "full"
+  if size not in SIZES:
+    raise UserError(f"configs/lm_shapesworld.py argument {arg!r}: expected one of {SIZES}")
+  config = base_config()
+  config.model_kind = "lm"
+  config.tokenizer = TOY_TOKENIZER  # or a tokenizer.json (the demo trains its own)
+  config.model = ml_collections.ConfigDict(model())
+  config.lm = lm_defaults()
+  config.data.name = "shapesworld"
+  config.data.image_size = 8  # the image is not used; small renders keep the loader cheap
+  config.data.channels = 3
+  config.data.max_len = MAX_LEN
+  config.data.system_prompt = DEFAULT_SYSTEM
+  config.data.shapes_num_train = 20_000
+  config.data.shapes_num_test = 256
+  config.train.batch_size = 32
+  config.train.steps = 500
+  config.train.lr = 3e-3
+  config.train.warmup = 50
+  config.train.weight_decay = 0.0
+  config.checkpoint.every = 300
+  config.checkpoint.keep = 1
+  config.log.every = 50
+  config.log.num_samples = 0
+  config.log.eval_examples = 256
+  if size == "smoke":
+    config.train.steps = 4
+    config.train.warmup = 1
+    config.train.batch_size = 8
+    config.log.every = 2
+    config.log.eval_examples = 16
+  return config

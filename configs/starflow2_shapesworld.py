@@ -1,0 +1,110 @@
+"""The STARFlow2 of the demo (`python -m launch.demo`): ShapesWorld at 32 px, the toy FAE's 8 x 8 x 32
+latents (configs/fae_shapesworld.py), the demo's pretrained language model as the frozen VLM
+(configs/lm_shapesworld.py), a flow stream small enough for 2 CPU cores, and (colour, kind)
+combinations kept out of the training split (`EXCLUDED`) to test compositional generalisation.
+
+  python -m launch.train --config=configs/starflow2_shapesworld.py:stage=1 --workdir=DIR/stage1 \
+      --config.tokenizer=DIR/tokenizer --config.vlm.checkpoint=DIR/lm --config.fae.checkpoint=DIR/fae
+  python -m launch.train --config=configs/starflow2_shapesworld.py:stage=2 --workdir=DIR/stage2 \
+      --config.tokenizer=DIR/tokenizer --config.vlm.checkpoint=DIR/lm --config.fae.checkpoint=DIR/fae \
+      --config.init_from=DIR/stage1
+  (stage=3 likewise with --config.init_from=DIR/stage2)
+
+The argument is "stage=N" or "stage=N,smoke" (a few steps, for tests). Each stage's data mixture is what
+its loss reads: stage 1 (L_NF) text-to-image and interleaved documents, stage 2 (L_NTP through the
+adapter) understanding, stage 3 all of them. Held-out latent NLL (nats/dim) and text CE are written to
+WORKDIR/eval_*.json.
+"""
+import ml_collections
+
+from configs import fae_shapesworld, lm_shapesworld
+from starflow2_jax.errors import UserError
+from starflow2_jax.pretzel import examples, stages
+from starflow2_jax.train.defaults import base_config
+from starflow2_jax.train.pretzel_task import TOY_TOKENIZER, loss_defaults
+from starflow2_jax.vlm.config import experiment_config
+
+EXCLUDED = (("red", "circle"), ("blue", "triangle"))  # never in a training scene; held out they are
+LATENT_PATCH = 2  # the FAE's 8 x 8 latents as 4 x 4 = 16 flow tokens of 2 x 2 x 32 = 128 channels
+MAX_IMAGES = 3  # an interleaved document of a three-shape scene shows three images
+# a row: two text-to-image or understanding examples (~55 tokens each: templates, text, an image span of
+# 16 latents + 2), or one interleaved document of up to three image spans
+MAX_LEN = 112
+PACK = 2
+MIXTURES = {
+    1: {"text_to_image": 3.0, "understanding": 0.0, "editing": 0.0, "interleaved": 1.0},
+    2: {"text_to_image": 0.0, "understanding": 1.0, "editing": 0.0, "interleaved": 0.0},
+    3: {"text_to_image": 2.0, "understanding": 2.0, "editing": 0.0, "interleaved": 1.0},
+}
+STEPS = {1: 800, 2: 600, 3: 400}
+LR = {1: 1e-3, 2: 3e-3, 3: 1e-3}  # stage 2 trains the small adapter alone
+GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt: caption dropout 0.1)
+# generation: a document of three images (3 x 18 positions) with its text after a prompt of ~40 tokens
+SAMPLE_CACHE_LEN = 192
+SAMPLE_MAX_NEW_TOKENS = 128
+SMOKE_STEPS = 3
+
+
+def flow_model() -> ml_collections.ConfigDict:
+  """The flow stream (pretzel.config.PretzelConfig fields)."""
+  return ml_collections.ConfigDict({
+      "width": 96, "head_dim": 32, "mlp_ratio": 4, "deep_layers": 3, "shallow_blocks": 2,
+      "shallow_layers": 1, "latent_patch": LATENT_PATCH, "noise_std": 0.3, "deep_rope": "mrope",
+      "deep_rope_sections": [4, 6, 6], "adapter_hidden": 128, "skip_taps": [],
+      "stage1_vlm_prefix": 0, "dtype": "float32", "param_dtype": "float32",
+      "attention_impl": "auto", "remat": "none"})
+
+
+def _parse(arg):
+  parts = [p for p in (arg or "").split(",") if p]
+  smoke = "smoke" in parts
+  rest = [p for p in parts if p != "smoke"]
+  if len(rest) > 1:
+    raise UserError(f"config argument {arg!r}: expected 'stage=N' or 'stage=N,smoke', e.g. "
+                    "--config=configs/starflow2_shapesworld.py:stage=2")
+  return stages.stage_from_arg(rest[0] if rest else None), smoke
+
+
+def get_config(arg=None):
+  stage, smoke = _parse(arg)
+  config = base_config()
+  config.model_kind = "starflow2"
+  config.tokenizer = TOY_TOKENIZER  # the demo passes its own tokenizer.json
+  config.vlm = ml_collections.ConfigDict({
+      "checkpoint": "",  # the lm run's workdir export (configs/lm_shapesworld.py); "": random
+      "image_positions": "mrope",
+      "model": experiment_config(lm_shapesworld.model(), None).model})
+  config.fae = fae_shapesworld.fae_config()
+  config.fae.checkpoint = ""  # the FAE run's export (configs/fae_shapesworld.py); "": random
+  config.model = flow_model()
+  config.loss = loss_defaults()
+  config.data = examples.default_data_config()
+  config.data.image_size = fae_shapesworld.IMAGE_SIZE
+  config.data.max_len = MAX_LEN
+  config.data.max_images = MAX_IMAGES
+  config.data.pack = PACK
+  config.data.mixture = dict(MIXTURES[stage])
+  config.data.shapes_num_train = 20_000
+  config.data.shapes_num_test = 128
+  config.data.shapes_exclude = [list(e) for e in EXCLUDED]
+  config.train.batch_size = 16
+  config.train.steps = STEPS[stage]
+  config.train.lr = LR[stage]
+  config.train.warmup = 50
+  config.train.weight_decay = 0.0
+  config.checkpoint.every = 200
+  config.checkpoint.keep = 1
+  config.log.every = 50
+  config.log.num_samples = 0
+  # stage 2's data has no flow-loss image (held-out latent NLL undefined): its loss is its metric
+  config.log.eval_examples = 0 if stage == 2 else 64
+  config.sample.guidance = GUIDANCE
+  config.sample.cache_len = SAMPLE_CACHE_LEN
+  config.sample.max_new_tokens = SAMPLE_MAX_NEW_TOKENS
+  if smoke:
+    config.train.steps = SMOKE_STEPS
+    config.train.warmup = 1
+    config.train.batch_size = 8
+    config.log.every = 1
+    config.log.eval_examples = 8 if stage == 3 else 0  # the summary reads stage 3's
+  return stages.apply_stage(config, stage)

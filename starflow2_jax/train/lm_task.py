@@ -1,0 +1,195 @@
+"""The language-model task (`model_kind: lm`): a Qwen2.5-architecture language model (`vlm.model.Qwen2_5_VL`,
+text only, `config.model` = its QwenConfig fields) pretrained by next-token prediction on chat-formatted
+ShapesWorld text; its export is the frozen VLM of the STARFlow2 demo (`config.vlm.checkpoint`).
+
+Records: ShapesWorld records (data.name = "shapesworld": caption, questions, answers; the image is not
+used). Each record becomes one chat conversation in the Qwen2.5 template of the Pretzel sequences
+(STARFLOW2.md 4.2; system turn data.system_prompt), of a form drawn from (train.seed, the record's stream
+position; held-out records: its caption), where a scene appears as its caption inside a vision span
+(`<|vision_start|>caption<|vision_end|>`, the place the Pretzel sequences put an image's latents):
+  qa           user: [scene] question          assistant: answer
+  caption      user: [scene] CAPTION_QUESTION  assistant: caption
+  draw         user: caption                   assistant: [scene]
+so the language model learns the chat template, the caption grammar, answering from a scene span and
+opening a vision span when asked to draw; `config.lm.forms` weighs the forms.
+
+Batch (`ChatRows`, L = data.max_len): tokens, targets (tokens shifted left, pad at the end) int32 [b, L],
+target_mask bool [b, L] (assistant text, its closing <|im_end|> and an assistant span's
+<|vision_start|> and text; never the forced <|vision_end|>, system or user tokens, pads), positions
+int32 [b, L, 3] (1-D text positions on the three M-RoPE axes, pads 0).
+
+Loss: "ntp" = (sum over supervised tokens of -log softmax(logits)[target], their count) (`pretzel.loss.
+text_ce`; logit rows past the tokenizer's vocabulary never predicted). Held-out: text_ce (nats/token,
+perplexity = exp(text_ce)), token_accuracy (greedy next-token) and answer_exact (per conversation: every
+supervised token right). Parameter groups: the model's top-level modules (embed_tokens, layers, norm,
+lm_head). The export (WORKDIR/params_<step>/, {"params": the Qwen tree} with this config) loads with
+`vlm.chat.load_vlm`.
+"""
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from starflow2_jax.data.pipeline import ELEMENT_KEY
+from starflow2_jax.errors import UserError
+from starflow2_jax.pretzel.examples import CAPTION_QUESTION
+from starflow2_jax.pretzel.loss import text_ce
+from starflow2_jax.pretzel.tokens import SpecialTokens, special_tokens
+from starflow2_jax.train.pretzel_task import tokenizer_path
+from starflow2_jax.train.task import Task
+from starflow2_jax.vlm import tokenizer as tok_lib
+from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig
+from starflow2_jax.vlm.positions import mrope_positions
+
+FORMS = ("qa", "caption", "draw")
+_FORM_STREAM = 3  # sub-stream of the (seed, element, stream) draws (the pipeline's flip is 1)
+
+
+def lm_defaults() -> ml_collections.ConfigDict:
+  """config.lm: the weight of each conversation form (module docstring)."""
+  return ml_collections.ConfigDict({"forms": {"qa": 2.0, "caption": 1.0, "draw": 1.0}})
+
+
+def _form_weights(lm: ml_collections.ConfigDict) -> np.ndarray:
+  weights = dict(lm.forms)
+  unknown = sorted(set(weights) - set(FORMS))
+  w = np.array([float(weights.get(f, 0.0)) for f in FORMS])
+  if unknown or np.any(w < 0) or not w.sum() > 0:
+    raise UserError(f"lm.forms={weights}: expected non-negative weights of the forms {FORMS}, at least "
+                    "one positive")
+  return w / w.sum()
+
+
+class ChatRows:
+  """The grain record transform: a ShapesWorld record -> one chat row (module docstring). Picklable:
+  the tokenizer is loaded from `tokenizer_path` in each process."""
+
+  def __init__(self, tokenizer_path: str, max_len: int, system_prompt: str | None, forms: np.ndarray,
+               seed: int):
+    self.tokenizer_path, self.max_len, self.system = tokenizer_path, int(max_len), system_prompt
+    self.p, self.seed = np.asarray(forms, np.float64), int(seed)
+    self._tk = None
+    self.ids: SpecialTokens = special_tokens(self.tokenizer)  # fails early on a tokenizer without them
+
+  @property
+  def tokenizer(self):
+    if self._tk is None:
+      self._tk = tok_lib.load_tokenizer(self.tokenizer_path)
+      self._tk.encode_special_tokens = True  # a caption's "<|im_end|>" is text, not a turn boundary
+    return self._tk
+
+  def __getstate__(self):
+    return {**self.__dict__, "_tk": None}
+
+  def _encode(self, text: str) -> list[int]:
+    return list(self.tokenizer.encode(text, add_special_tokens=False).ids) if text else []
+
+  def _rng(self, record: dict) -> np.random.Generator:
+    key = record.get(ELEMENT_KEY)
+    if key is None:  # held out: a fixed draw per record
+      key = zlib.crc32(str(record["caption"]).encode("utf-8"))
+    return np.random.default_rng([self.seed, int(key), _FORM_STREAM])
+
+  def turns(self, record: dict) -> list[tuple[str, list]]:
+    """[(role, parts)]: a part is a str or ("scene", caption) (a vision span holding the caption)."""
+    rng = self._rng(record)
+    form = FORMS[int(rng.choice(len(FORMS), p=self.p))]
+    caption = str(record["caption"])
+    scene = ("scene", caption)
+    if form == "qa":
+      k = int(rng.integers(len(record["questions"])))
+      return [("user", [scene, str(record["questions"][k])]), ("assistant", [str(record["answers"][k])])]
+    if form == "caption":
+      return [("user", [scene, CAPTION_QUESTION]), ("assistant", [caption])]
+    return [("user", [caption]), ("assistant", [scene])]
+
+  def tokens(self, turns) -> tuple[np.ndarray, np.ndarray]:
+    """-> (ids int32 [n], supervised bool [n]: predicting this token is supervised)."""
+    ids = self.ids
+    full = ([("system", [self.system])] if self.system is not None else []) + list(turns)
+    out: list[tuple[list[int], bool]] = []
+    for t, (role, parts) in enumerate(full):
+      sup = role == "assistant"
+      out.append(([ids.im_start, *self._encode(f"{role}\n")], False))
+      for p in parts:
+        if isinstance(p, str):
+          out.append((self._encode(p), sup))
+        else:
+          out += [([ids.vision_start], sup), (self._encode(p[1]), sup), ([ids.vision_end], False)]
+      out.append(([ids.im_end], sup))
+      if t + 1 < len(full):
+        out.append((self._encode("\n"), False))
+    tokens = np.concatenate([np.asarray(p, np.int32) for p, _ in out])
+    supervised = np.concatenate([np.full(len(p), s, bool) for p, s in out])
+    return tokens, supervised
+
+  def __call__(self, record: dict) -> dict:
+    tokens, supervised = self.tokens(self.turns(record))
+    n, length = len(tokens), self.max_len
+    if n > length:
+      raise UserError(f"a conversation of {n} tokens does not fit data.max_len={length}: raise "
+                      "data.max_len")
+    pad = self.ids.pad
+    row = {"tokens": np.full(length, pad, np.int32), "targets": np.full(length, pad, np.int32),
+           "target_mask": np.zeros(length, bool), "positions": np.zeros((length, 3), np.int32)}
+    row["tokens"][:n] = tokens
+    row["targets"][:n - 1] = tokens[1:]
+    row["target_mask"][:n - 1] = supervised[1:]
+    row["positions"][:n] = mrope_positions(tokens[None], None, [], self.ids.image_pad)[0][0]
+    return row
+
+
+def _check(config: ml_collections.ConfigDict, qcfg: QwenConfig, vocab: int) -> None:
+  if config.data.name != "shapesworld":
+    raise UserError(f"data.name={config.data.name!r}: the lm task reads ShapesWorld text; set "
+                    "data.name='shapesworld'")
+  if vocab > qcfg.vocab_size:
+    raise UserError(f"the tokenizer ({config.tokenizer}) has {vocab} tokens, but model.vocab_size is "
+                    f"{qcfg.vocab_size}; set model.vocab_size >= {vocab}")
+  if qcfg.vision is not None:
+    raise UserError("model.vision: the lm task trains a text-only language model; set it to None")
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Task:
+  del mesh, rules  # no frozen subtree; the loop shards the parameters
+  qcfg = QwenConfig.from_config(config.model)
+  tk_path = tokenizer_path(config.tokenizer)
+  tokenizer = tok_lib.load_tokenizer(tk_path)
+  vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+  _check(config, qcfg, vocab)
+  model = Qwen2_5_VL(qcfg)
+  transform = ChatRows(tk_path, int(config.data.max_len), config.data.system_prompt,
+                       _form_weights(config.lm), int(config.train.seed))
+
+  def init_fn(rng):
+    return model.init(rng, jnp.zeros((1, 1), jnp.int32), positions=jnp.zeros((1, 1, 3), jnp.int32))["params"]
+
+  def per_token(params, batch):
+    """-> (CE [b, L], greedy prediction right [b, L], supervised [b, L])."""
+    logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"])["logits"]
+    ce = text_ce(logits, batch["targets"], vocab)
+    guess = jnp.argmax(jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf), axis=-1)
+    return ce, guess == batch["targets"], batch["target_mask"]
+
+  def loss_fn(params, frozen, batch, rng):
+    del frozen, rng
+    ce, _, mask = per_token(params, batch)
+    return {"ntp": (jnp.sum(jnp.where(mask, ce, 0.0)), jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0))}
+
+  def eval_fn(params, frozen, batch, rng):
+    """Per row: text_ce and token_accuracy as (sum, count) over its supervised tokens; answer_exact."""
+    del frozen, rng
+    ce, right, mask = per_token(params, batch)
+    count = jnp.sum(mask, axis=1, dtype=jnp.float32)
+    return {"text_ce": (jnp.sum(jnp.where(mask, ce, 0.0), axis=1), count),
+            "token_accuracy": (jnp.sum(right & mask, axis=1, dtype=jnp.float32), count),
+            "answer_exact": jnp.all(right | ~mask, axis=1).astype(jnp.float32)}
+
+  return Task(record_transform=transform, init_fn=init_fn, loss_fn=loss_fn, objective={"ntp": 1.0},
+              eval_fn=eval_fn, sample_fn=None,
+              param_labels=lambda params: {k: jax.tree.map(lambda _, n=k: n, v) for k, v in params.items()},
+              headline="ntp", tokens_per_example=int(config.data.max_len))

@@ -1,0 +1,122 @@
+"""The lm task (issue 11 item 1): chat rows of ShapesWorld text, token-level CE as (sum, count), held-out
+CE / accuracy, and the export that the STARFlow2 task loads as its frozen VLM."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from starflow2_jax import parallel
+from starflow2_jax.data.pipeline import ELEMENT_KEY
+from starflow2_jax.data.shapesworld import ShapesWorldSource
+from starflow2_jax.errors import UserError
+from starflow2_jax.pretzel.loss import text_ce
+from starflow2_jax.train import lm_task, loop, tasks
+from starflow2_jax.train.pretzel_task import frozen_vlm, tokenizer_path
+from starflow2_jax.vlm.chat import load_vlm
+from starflow2_jax.vlm.tokenizer import load_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import lm_shapesworld, starflow2_shapesworld  # noqa: E402
+
+WORLD = ShapesWorldSource("train", 8, 50)
+
+
+@pytest.fixture(scope="module")
+def rows():
+  path = tokenizer_path("toy")
+  return lm_task.ChatRows(path, lm_shapesworld.MAX_LEN, "You are a helpful assistant.",
+                          np.ones(len(lm_task.FORMS)) / len(lm_task.FORMS), seed=0), load_tokenizer(path)
+
+
+def test_rows_supervise_only_the_assistant_and_shift_the_targets(rows):
+  transform, tk = rows
+  ids = transform.ids
+  seen = set()
+  for i in range(30):
+    record = {**WORLD[i], ELEMENT_KEY: np.int64(i)}
+    turns = transform.turns(record)
+    seen.add("draw" if not isinstance(turns[1][1][0], str) else
+             "caption" if turns[0][1][1] == "describe the image." else "qa")
+    row = transform(record)
+    n = int(np.sum(row["tokens"] != ids.pad))
+    tokens, mask = row["tokens"], row["target_mask"]
+    assert np.array_equal(row["targets"][:n - 1], tokens[1:n]) and np.all(row["targets"][n - 1:] == ids.pad)
+    assert np.array_equal(row["positions"][:n], np.repeat(np.arange(n)[:, None], 3, 1))
+    assistant = int(np.nonzero(tokens == ids.im_start)[0][-1])  # the last turn's header
+    header = len(tk.encode("assistant\n", add_special_tokens=False).ids)
+    # supervised targets: exactly the assistant's tokens after its header, the forced
+    # <|vision_end|> excepted
+    want = np.zeros_like(mask)
+    want[assistant + header:n - 1] = True
+    want &= row["targets"] != ids.vision_end
+    assert np.array_equal(mask, want)
+    text = tk.decode(row["targets"][mask].tolist(), skip_special_tokens=True)
+    answer = turns[1][1][0] if isinstance(turns[1][1][0], str) else turns[1][1][0][1]
+    assert text == answer
+  assert seen == set(lm_task.FORMS)
+  held_out = transform(WORLD[3])  # no stream position: a fixed draw per record
+  assert all(np.array_equal(held_out[k], transform(WORLD[3])[k]) for k in held_out)
+
+
+def test_bad_inputs_name_the_field(tmp_path):
+  config = lm_shapesworld.get_config("smoke")
+  config.lm.forms = {"qa": 1.0, "poems": 1.0}
+  with pytest.raises(UserError, match=r"lm.forms=.*poems"):
+    tasks.build_task(config, parallel.make_mesh(config.mesh), parallel.logical_rules(config))
+  config = lm_shapesworld.get_config("smoke")
+  config.model.vocab_size = 100
+  with pytest.raises(UserError, match=r"model.vocab_size >= "):
+    tasks.build_task(config, parallel.make_mesh(config.mesh), parallel.logical_rules(config))
+  with pytest.raises(UserError, match="expected one of"):
+    lm_shapesworld.get_config("huge")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The smoke lm run (a few steps) through the loop: its summary and workdir."""
+  workdir = str(tmp_path_factory.mktemp("lm"))
+  config = lm_shapesworld.get_config("smoke")
+  return loop.train_and_evaluate(config, workdir), workdir, config
+
+
+def test_loss_and_held_out_metrics_are_token_level(trained):
+  """The task's ntp term is (sum of CE over supervised tokens, their count); the held-out metrics
+  recomputed by hand on the exported parameters."""
+  summary, workdir, config = trained
+  mesh = parallel.make_mesh(config.mesh)
+  task = tasks.build_task(config, mesh, parallel.logical_rules(config))
+  _, params, _ = load_vlm(summary["export"])
+  records = [ShapesWorldSource("test", 8, 8)[i] for i in range(8)]
+  batch = {k: jnp.asarray(np.stack([task.record_transform(r)[k] for r in records]))
+           for k in ("tokens", "targets", "target_mask", "positions")}
+  terms = task.loss_fn(params, None, batch, jax.random.key(0))
+  model, _, _ = load_vlm(summary["export"])
+  logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"])["logits"]
+  vocab = load_tokenizer(config.tokenizer if config.tokenizer != "toy" else tokenizer_path("toy"))
+  ce = text_ce(logits, batch["targets"], vocab.get_vocab_size(with_added_tokens=True))
+  mask = np.asarray(batch["target_mask"])
+  s, c = terms["ntp"]
+  np.testing.assert_allclose(float(s), float(np.sum(np.asarray(ce)[mask])), rtol=1e-5)
+  assert float(c) == mask.sum()
+  out = task.eval_fn(params, None, batch, jax.random.key(0))
+  right = np.asarray(jnp.argmax(logits, -1) == batch["targets"])
+  np.testing.assert_allclose(np.asarray(out["token_accuracy"][0]), np.sum(right & mask, 1))
+  np.testing.assert_allclose(np.asarray(out["answer_exact"]), np.all(right | ~mask, 1))
+  assert set(summary["eval"]) == {"text_ce", "token_accuracy", "answer_exact"}
+  assert summary["eval"]["text_ce"] > 0
+
+
+def test_export_is_the_starflow2_tasks_frozen_vlm(trained):
+  summary, _, _ = trained
+  _, params, _ = load_vlm(summary["export"])
+  config = starflow2_shapesworld.get_config("stage=1,smoke")
+  config.vlm.checkpoint = summary["export"]
+  mesh = parallel.make_mesh(config.mesh)
+  _, frozen, qcfg = frozen_vlm(config, mesh, parallel.logical_rules(config), jax.random.key(0))
+  assert qcfg.hidden_size == lm_shapesworld.model()["hidden_size"]
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(frozen)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
