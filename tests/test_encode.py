@@ -12,7 +12,7 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from launch import encode as encode_cli  # noqa: E402
+from starflow2_jax import encode as encode_cli  # noqa: E402
 from starflow2_jax import ckpt  # noqa: E402
 from starflow2_jax.errors import UserError  # noqa: E402
 from starflow2_jax.fae import FAE, dinov2 as dinov2_lib  # noqa: E402

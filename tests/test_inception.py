@@ -105,7 +105,7 @@ def _flow_checkpoint(tmp_path):
 
 
 def test_launch_encode_writes_the_pool_features(state_dict, monkeypatch, tmp_path):
-  from launch import encode
+  from starflow2_jax import encode
   weights = tmp_path / converter.WEIGHTS_FILE
   torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, weights)
   checkpoint = converter.convert(str(weights), str(tmp_path / "inception"))
