@@ -1,7 +1,7 @@
 """The README's memory and speed table, reproducible: every (config, TPU slice) pair compiled ahead of
 time by `launch.compile` (one subprocess per pair), collected into one Markdown table.
 
-  python -m launch.memory_table --out=docs/readme/memory_table.md \
+  python -m launch.memory_table --out=docs/memory_table.md \
       [--configs=tarflow_imagenet64,starflow_3b,starflow2_qwen7b:stage3] \
       [--topologies=v5p-64,v5e-256,v4-128,v6e-64] [--cache=/tmp/memory_table] [--timeout=3600]
 
