@@ -14,7 +14,7 @@ bounding boxes never overlap):
      (from the coverage centroid: for a triangle the box centre lies r/3 above it), box-filtered from
      `SUPERSAMPLE`x. The template of least squared error gives kind and size.
   4. Positions are the box centres in [0, 1] (x right, y down, as the dataset's scenes); relations
-     between objects follow the dataset's own rule (`data.shapesworld._relation`).
+     between objects follow the dataset's own rule (`data.shapesworld.relation`).
 
 Scores (for `launch.evaluate --metric=shapes|qa` and the demo):
   `parse_caption(caption)` inverts the caption grammar; `score_caption(caption, detections)` ->
@@ -165,7 +165,7 @@ def detect(image: np.ndarray) -> list[dict]:
 
 def relation(a: dict, b: dict) -> str:
   """The dataset's spatial relation of object a to object b ("above", "to the left of", ...)."""
-  return sw._relation(a, b)
+  return sw.relation(a, b)
 
 
 # -- captions and scores -----------------------------------------------------------------------------
