@@ -11,7 +11,8 @@ import pytest
 
 from starflow2_jax import parallel
 from starflow2_jax.errors import UserError
-from starflow2_jax.train import state as state_lib, step as step_lib
+from starflow2_jax.train import loop, state as state_lib, step as step_lib
+from starflow2_jax.train.task import Task
 
 B, T, D, K = 16, 16, 8, 4  # examples, tokens per example, features, micro-batches
 OBJECTIVE = {"token": 1.0, "example": 0.5}
@@ -116,3 +117,22 @@ def test_objective_must_name_loss_terms():
   batch, params = _data(np.float32)
   with pytest.raises(UserError, match=r"missing: \['nll'\]"):
     step_lib.make_grads_fn(loss_fn, {"nll": 1.0}, 1, mesh)(params, None, batch, jax.random.key(0))
+
+
+# -- held-out metrics: a (sum, count) metric with no counted example over the split ------------------
+class _Src:
+  def __len__(self): return 5
+  def __getitem__(self, i): return {"image": np.full((2, 2, 1), i, np.uint8), "label": np.int32(i)}
+
+class _Ids:
+  def __call__(self, r): return {"x": np.float32(r["label"])}
+
+def test_zero_count_metric_is_left_out():
+  task = Task(record_transform=_Ids(), init_fn=None, loss_fn=None, objective={}, sample_fn=None,
+              eval_fn=lambda p, f, b, r: {"mean_x": b["x"], "none": (b["x"], jnp.zeros_like(b["x"]))},
+              param_labels=None, headline="", tokens_per_example=1)
+  data = ml_collections.ConfigDict({"image_size": 2, "channels": 1})
+  mesh = parallel.make_mesh(ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}}))
+  out = loop.evaluate(task, {}, None, data, _Src(), mesh, parallel.DEFAULT_LOGICAL_RULES, 4,
+                      jax.random.key(0))
+  assert out == {"mean_x": 2.0}

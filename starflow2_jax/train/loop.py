@@ -101,7 +101,9 @@ def evaluate(task: Task, params, frozen, data: ml_collections.ConfigDict, source
              limit: int | None = None) -> dict[str, float]:
   """The task's held-out metrics over `source`, under the train step's mesh and logical rules: a
   per-example metric [b] is averaged over the examples, a (sum [b], count [b]) pair is
-  sum(sum) / sum(count). A short last batch is padded (its last row repeated) and the padding masked."""
+  sum(sum) / sum(count); a pair whose count is 0 over the whole split (e.g. a held-out set without any
+  flow-loss image) is left out rather than divided by zero. A short last batch is padded (its last row
+  repeated) and the padding masked."""
   shards = parallel.batch_shards(mesh) * jax.process_count()
   eval_fn = jax.jit(task.eval_fn)
   sums: dict[str, float] = {}
@@ -123,7 +125,7 @@ def evaluate(task: Task, params, frozen, data: ml_collections.ConfigDict, source
       s, c = (gathered(v[0], n), gathered(v[1], n)) if isinstance(v, tuple) else (gathered(v, n), None)
       sums[k] = sums.get(k, 0.0) + float(np.sum(s))
       counts[k] = counts.get(k, 0.0) + (float(np.sum(c)) if c is not None else n)
-  return {k: sums[k] / counts[k] for k in sums}
+  return {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
 
 
 def write_samples(task: Task, params, frozen, rng, num: int, path: str, mesh: jax.sharding.Mesh,
