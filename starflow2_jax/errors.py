@@ -10,3 +10,13 @@ from __future__ import annotations
 
 class UserError(ValueError):
   """A mistake in what the user asked for (flags, config, files), with a message that says the fix."""
+
+
+def check_known_fields(cls, section: str, fields, extra=()) -> None:
+  """Raise a UserError naming every key of `fields` that the dataclass `cls` (or `extra`) does not know."""
+  import dataclasses
+  known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise UserError(f"{section}: unknown field(s) {unknown}; the known fields are {sorted(known)}; "
+                    "fix the spelling or drop them")

@@ -25,7 +25,7 @@ import dataclasses
 
 import ml_collections
 
-from starflow2_jax.errors import UserError
+from starflow2_jax.errors import UserError, check_known_fields
 from starflow2_jax.fae.dinov2 import Dinov2Config
 
 PHASES = ("head", "pixel_noisy", "pixel_recon", "joint")
@@ -88,10 +88,7 @@ class FAEConfig:
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict | dict) -> "FAEConfig":
     d = dict(c.to_dict() if isinstance(c, ml_collections.ConfigDict) else c)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise UserError(f"fae: unknown field(s) {unknown}; the known fields are {sorted(known)}")
+    check_known_fields(cls, "fae", d)
     dino = dict(d.pop("dinov2"))
     for k in ("dtype", "attention_impl", "remat"):  # the trunk runs as the FAE does
       if k in d:

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from starflow2_jax import ckpt, parallel
-from starflow2_jax.errors import UserError
+from starflow2_jax.errors import UserError, check_known_fields
 from starflow2_jax.fae.vit import EncoderStack
 from starflow2_jax.nn import layers
 from starflow2_jax.nn.attention import TransformerConfig
@@ -80,10 +80,7 @@ class Dinov2Config:
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict | dict) -> "Dinov2Config":
     d = dict(c.to_dict() if isinstance(c, ml_collections.ConfigDict) else c)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise UserError(f"dinov2 config: unknown field(s) {unknown}; the known fields are {sorted(known)}")
+    check_known_fields(cls, "dinov2 config", d)
     if d.get("input_size") is not None:
       d["input_size"] = tuple(int(v) for v in d["input_size"])
     return cls(**d)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from starflow2_jax.errors import UserError
+from starflow2_jax.errors import UserError, check_known_fields
 from starflow2_jax.nn import layers
 from starflow2_jax.nn.attention import KVCache, Transformer, TransformerConfig
 from starflow2_jax.nn.rope import mrope
@@ -34,15 +34,6 @@ from starflow2_jax.vlm.vision import VisionConfig, VisionTower
 # config.model fields that describe the tokenizer and prompt layout, not the network (read by chat).
 TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
                 "bos_token_id", "eos_token_id", "pad_token_id", "image_positions")
-
-
-def _known_fields(cls, section: str, fields: dict, extra=()) -> None:
-  """Raise a UserError naming every field of `fields` that `cls` (or `extra`) does not know."""
-  known = {f.name for f in dataclasses.fields(cls)} | set(extra)
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise UserError(f"{section}: unknown field(s) {unknown}; the known fields are {sorted(known)}; "
-                    "fix the spelling or drop them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +76,13 @@ class QwenConfig:
     """From `config.model`; a field neither this class, VisionConfig nor TOKEN_FIELDS knows is a
     UserError naming it."""
     model = dict(model)
-    _known_fields(cls, "config.model", model, TOKEN_FIELDS)
+    check_known_fields(cls, "config.model", model, TOKEN_FIELDS)
     kw = {k: v for k, v in model.items() if k not in TOKEN_FIELDS and k != "vision"}
     kw["mrope_section"] = tuple(kw.get("mrope_section", cls.mrope_section))
     vision = None
     if model.get("vision") is not None:
       vkw = dict(model["vision"])
-      _known_fields(VisionConfig, "config.model.vision", vkw)
+      check_known_fields(VisionConfig, "config.model.vision", vkw)
       vkw["fullatt_block_indexes"] = tuple(vkw.get("fullatt_block_indexes", ()))
       vkw.setdefault("dtype", kw.get("dtype", "float32"))
       vkw.setdefault("param_dtype", kw.get("param_dtype", "float32"))
