@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 
 from starflow2_jax import ckpt, parallel
-from starflow2_jax.convert.hf_qwen2_5_vl import DTYPES, all_devices_mesh, read_hf_config
-from starflow2_jax.convert.safetensors_io import SafetensorsDir
+from starflow2_jax.convert.hf_qwen2_5_vl import all_devices_mesh, read_hf_config
+from starflow2_jax.convert.safetensors_io import PARAM_DTYPES, SafetensorsDir
 from starflow2_jax.errors import UserError
 from starflow2_jax.fae import dinov2 as dinov2_lib
 from starflow2_jax.fae.dinov2 import Dinov2Config
@@ -91,21 +91,14 @@ def load_hf_dinov2(checkpoint: str, *, input_size: tuple[int, int] | None = None
   """
   files = SafetensorsDir(checkpoint)
   names = set(files.keys())
-  stored = sorted({str(files.dtype(k)) for k in names})
-  if dtype is None:
-    if len(stored) != 1 or stored[0] not in DTYPES:
-      raise UserError(f"{checkpoint}: tensors are stored as {stored}; pass dtype='bfloat16' or "
-                      "'float32' to choose the parameter dtype")
-    dtype = stored[0]
-  if dtype not in DTYPES:
-    raise UserError(f"dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
+  dtype = files.param_dtype(dtype)
   config = config_from_hf(read_hf_config(checkpoint), input_size, dtype)
   cfg = Dinov2Config.from_config(config.model)
   if expected is not None:
     check_same_model(expected, cfg, checkpoint)
   abstract = dinov2_lib.abstract_params(cfg)
   shardings = parallel.param_shardings(abstract, mesh, rules)
-  target = DTYPES[dtype]
+  target = PARAM_DTYPES[dtype]
   used = set(n for n in IGNORED if n in names)
 
   def tensor(name: str, ours: str, shape) -> np.ndarray:

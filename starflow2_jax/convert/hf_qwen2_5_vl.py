@@ -18,19 +18,17 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from starflow2_jax import ckpt, parallel
-from starflow2_jax.convert.safetensors_io import SafetensorsDir
+from starflow2_jax.convert.safetensors_io import PARAM_DTYPES, SafetensorsDir
 from starflow2_jax.errors import UserError
 from starflow2_jax.vlm import config as vlm_config
 from starflow2_jax.vlm.model import QwenConfig, abstract_params
 
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 MODEL_TYPE = "qwen2_5_vl"
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def read_hf_config(directory: str) -> dict:
@@ -162,14 +160,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
   """
   files = SafetensorsDir(checkpoint)
   file_keys = {normalise_key(k): k for k in files.keys()}
-  float_dtypes = sorted({str(files.dtype(k)) for k in files.keys()})
-  if dtype is None:
-    if len(float_dtypes) != 1 or float_dtypes[0] not in DTYPES:
-      raise UserError(f"{checkpoint}: tensors are stored as {float_dtypes}; pass dtype='bfloat16' or "
-                      "'float32' to choose the parameter dtype")
-    dtype = float_dtypes[0]
-  if dtype not in DTYPES:
-    raise UserError(f"dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
+  dtype = files.param_dtype(dtype)
   config = config_from_hf(read_hf_config(checkpoint), dtype)
   if expected is not None:
     check_same_model(expected, config, checkpoint)
@@ -195,7 +186,7 @@ def load_hf_qwen2_5_vl(checkpoint: str, *, dtype: str | None = None,
 
   def load(path, leaf, sharding):
     names = tuple(k.key for k in path)
-    target = DTYPES[dtype]
+    target = PARAM_DTYPES[dtype]
     if not is_stacked(names):
       v = view(names, hf_name(names), leaf.shape)
       return jax.make_array_from_callback(leaf.shape, sharding,

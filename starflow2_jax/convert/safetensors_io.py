@@ -23,6 +23,7 @@ DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+PARAM_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}  # what an importer may write
 
 
 def read_header(path: str) -> tuple[dict, int]:
@@ -83,6 +84,19 @@ class SafetensorsDir:
     if code not in DTYPES:
       raise UserError(f"tensor {name}: unsupported safetensors dtype {code}")
     return np.dtype(DTYPES[code])
+
+  def param_dtype(self, requested: str | None = None) -> str:
+    """The parameter dtype an importer writes (a key of PARAM_DTYPES): `requested`, or for None the
+    file's own, which must then be a single one of them."""
+    if requested is None:
+      stored = sorted({str(self.dtype(k)) for k in self._entries})
+      if len(stored) != 1 or stored[0] not in PARAM_DTYPES:
+        raise UserError(f"{self.directory}: tensors are stored as {stored}; pass dtype='bfloat16' or "
+                        "'float32' to choose the parameter dtype")
+      return stored[0]
+    if requested not in PARAM_DTYPES:
+      raise UserError(f"dtype: expected one of {sorted(PARAM_DTYPES)}, found {requested!r}")
+    return requested
 
   def get(self, name: str) -> np.ndarray:
     path, info, start = self._entries[name]
