@@ -31,6 +31,7 @@ import numpy as np
 from absl import flags
 
 from starflow2_jax import ckpt, entry
+from starflow2_jax.demo.generation import DemoGenerator
 from starflow2_jax.errors import UserError
 from starflow2_jax.eval import frechet, metrics, shapes_generation
 
@@ -116,8 +117,7 @@ def _proxies(which: tuple[str, ...]) -> dict:
       raise UserError(f"--metric={generate[0]} scores generated outputs: pass "
                       f"{_PROXY_INPUTS[generate[0]][0]}, or --checkpoint=DIR of a STARFlow2 model to "
                       "generate them")
-    gen = shapes_generation.DemoGenerator(_checkpoint(generate[0]), chunk=FLAGS.batch_size,
-                                          seed=FLAGS.seed)
+    gen = DemoGenerator(_checkpoint(generate[0]), chunk=FLAGS.batch_size, seed=FLAGS.seed)
     results = shapes_generation.generated_proxies(gen, _out_dir(), generate,
                                                   num_captions=FLAGS.num_captions,
                                                   num_scenes=FLAGS.num_scenes)

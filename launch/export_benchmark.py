@@ -17,6 +17,7 @@ from __future__ import annotations
 from absl import flags
 
 from starflow2_jax import entry
+from starflow2_jax.demo.generation import DemoGenerator
 from starflow2_jax.errors import UserError
 from starflow2_jax.eval import export, metrics
 
@@ -37,8 +38,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}: every option is a --flag")
-  if FLAGS.batch_size < 1:
-    raise UserError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+  if FLAGS.batch_size < 1 or FLAGS.num_samples < 1:
+    raise UserError(f"--batch_size and --num_samples must be >= 1, got {FLAGS.batch_size} and "
+                    f"{FLAGS.num_samples}")
   out = export.check_new_dir(FLAGS.out)
   if FLAGS.benchmark == "geneval":
     rows = export.read_geneval_prompts(FLAGS.prompts)
@@ -46,7 +48,7 @@ def main(argv):
     rows = export.read_dpg_prompts(FLAGS.prompts)
     export.check_dpg_samples(FLAGS.num_samples)
   checkpoint = metrics.resolve_checkpoint(FLAGS.checkpoint)
-  gen = export.DemoGenerator(checkpoint, chunk=FLAGS.batch_size)
+  gen = DemoGenerator(checkpoint, chunk=FLAGS.batch_size)
   overrides = {k: getattr(FLAGS, k) for k in ("guidance", "temperature", "jacobi_block")
                if getattr(FLAGS, k) is not None}
   if FLAGS.benchmark == "geneval":

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from starflow2_jax import ckpt
+from starflow2_jax.demo.generation import DemoGenerator
 from starflow2_jax.errors import UserError
 from starflow2_jax.eval import export, shapes_detector, shapes_generation
 from launch import benchmark
@@ -25,12 +26,15 @@ from configs import starflow2_tiny  # noqa: E402
 
 CHUNK = 8  # requests per generation call: every request below is one call of one compiled function
 SIDE = 32  # the tiny FAE's pixel side
-GENEVAL = [{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
-           {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
-            "prompt": "a photo of two cats"},
-           {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}],
-            "prompt": "a photo of a red car"}]
-DPG = {"1": "A red pickup truck parked on a beach at dusk.", "256": "A small blue circle above a green square."}
+JACOBI_BLOCK = 4
+GENEVAL = [
+    {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+    {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
+     "prompt": "a photo of two cats"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}],
+     "prompt": "a photo of a red car"}]
+DPG = {"1": "A red pickup truck parked on a beach at dusk.",
+       "256": "A small blue circle above a green square."}
 # compute_dpg_bench.py's crops of a grid of side-`r` cells, in sample order
 DPG_CROPS = lambda r: [(0, 0, r, r), (r, 0, 2 * r, r), (0, r, r, 2 * r), (r, r, 2 * r, 2 * r)]  # noqa: E731
 
@@ -46,7 +50,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gen(checkpoint):
-  return export.DemoGenerator(checkpoint, chunk=CHUNK)
+  return DemoGenerator(checkpoint, chunk=CHUNK)
 
 
 def _geneval_file(path, rows):
@@ -78,7 +82,9 @@ def _read_geneval_like_the_scorer(folder):
 
 def test_geneval_and_dpg_layouts_parse_back(gen, tmp_path):
   rows = export.read_geneval_prompts(_geneval_file(tmp_path / "evaluation_metadata.jsonl", GENEVAL))
-  out = export.export_geneval(gen, rows, str(tmp_path / "geneval"), num_samples=2, seed=3)
+  # Jacobi decoding of the image span here, sequential below: test_benchmark_generation_part reuses both
+  out = export.export_geneval(gen, rows, str(tmp_path / "geneval"), num_samples=2, seed=3,
+                              overrides={"jacobi_block": JACOBI_BLOCK})
   assert sorted(os.listdir(out)) == ["00000", "00001", "00002", export.RECORD_FILE]
   found = _read_geneval_like_the_scorer(out)
   assert [found[i][0] for i in range(3)] == GENEVAL  # each folder holds its prompt's metadata line
@@ -87,6 +93,7 @@ def test_geneval_and_dpg_layouts_parse_back(gen, tmp_path):
   assert not np.array_equal(found[0][1][0], found[0][1][1])  # two samples, two noises
   record = json.loads((tmp_path / "geneval" / export.RECORD_FILE).read_text())
   assert record["num_samples"] == 2 and record["prompts"] == 3 and record["image_size"] == SIDE
+  assert record["settings"]["jacobi_block"] == JACOBI_BLOCK
 
   names = export.read_dpg_prompts(_dpg_folder(tmp_path / "prompts", DPG))
   assert names == sorted(DPG.items())
@@ -166,7 +173,7 @@ def test_generated_shapes_and_qa_proxies(gen, tmp_path):
 
 
 def test_benchmark_generation_part(gen):
-  """launch.benchmark's generation part on this module's model (its sequential call compiled above)."""
-  g = benchmark.bench_generation(benchmark.Settings.quick(batch=CHUNK, jacobi_block=4), gen.gen)
+  """launch.benchmark's generation part on this module's model (both calls compiled above)."""
+  g = benchmark.bench_generation(benchmark.Settings.quick(batch=CHUNK, jacobi_block=JACOBI_BLOCK), gen.gen)
   assert g["sequential"]["images"] == g["jacobi"]["images"] == CHUNK and g["jacobi_iters"]
   assert g["sequential"]["per_image_s"] > 0 and g["jacobi"]["per_image_s"] > 0
