@@ -27,14 +27,15 @@ from configs import starflow2_tiny  # noqa: E402
 CHUNK = 8  # requests per generation call: every request below is one call of one compiled function
 SIDE = 32  # the tiny FAE's pixel side
 JACOBI_BLOCK = 4
+# Generation pads a chunk's prompts to its longest one, so every chunk below (and the benchmark part)
+# has the same longest prompt, benchmark.GENERATION_CAPTION: one compiled shape per request kind.
 GENEVAL = [
-    {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
-    {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
-     "prompt": "a photo of two cats"},
-    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}],
-     "prompt": "a photo of a red car"}]
-DPG = {"1": "A red pickup truck parked on a beach at dusk.",
-       "256": "A small blue circle above a green square."}
+    {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a circle"},
+    {"tag": "counting", "include": [{"class": "circle", "count": 2}],
+     "exclude": [{"class": "circle", "count": 3}], "prompt": "a red circle"},
+    {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}],
+     "prompt": benchmark.GENERATION_CAPTION}]
+DPG = {"1": benchmark.GENERATION_CAPTION, "256": "a small circle"}
 # compute_dpg_bench.py's crops of a grid of side-`r` cells, in sample order
 DPG_CROPS = lambda r: [(0, 0, r, r), (r, 0, 2 * r, r), (0, r, r, 2 * r), (r, r, 2 * r, 2 * r)]  # noqa: E731
 
