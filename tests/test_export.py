@@ -1,5 +1,5 @@
-"""GenEval / DPG-Bench export and the generated ShapesWorld proxies on a tiny STARFlow2 checkpoint (seeded
-random weights, saved on the spot): the folder layouts the official scorers read, parsed back as they
+"""GenEval / DPG-Bench export and the generated ShapesWorld prompt-following proxy on a tiny STARFlow2
+checkpoint (seeded random weights, saved on the spot): the folder layouts the official scorers read, parsed back as they
 parse them; bad input (empty prompt line, missing file, existing output folder) is a clear error and
 nothing is overwritten."""
 import json
@@ -155,19 +155,18 @@ def test_command_line_refuses_an_existing_output_folder(tmp_path):
   assert os.listdir(out) == []
 
 
-def test_generated_shapes_and_qa_proxies(gen, tmp_path):
-  """Held-out captions -> images -> detector scores; questions -> greedy answers -> accuracy."""
-  res = shapes_generation.generated_proxies(gen, str(tmp_path), ("shapes", "qa"), num_captions=2,
-                                            num_scenes=1)
+def test_generated_shapes_proxy(gen, tmp_path):
+  """Held-out captions -> images -> detector scores (--metric=qa's questions -> answers path runs the
+  demo's DemoGenerator.answer, which tests/test_demo.py covers; one understanding compile less here)."""
+  res = shapes_generation.generated_proxies(gen, str(tmp_path), ("shapes",), num_captions=2, num_scenes=1)
+  assert set(res) == {"shapes"}
   t2i = res["shapes"]["samples"]
   assert t2i == str(tmp_path / shapes_generation.T2I_DIR)
   assert set(shapes_detector.ATTRIBUTES) <= set(res["shapes"]["overall"])
+  assert res["shapes"]["overall"]["num"] == 2
   with open(os.path.join(t2i, "prompts.jsonl")) as f:
     prompts = [json.loads(line) for line in f]
-  assert len(prompts) >= 2 and all(os.path.isfile(os.path.join(t2i, p["file"])) for p in prompts)
-  with open(res["qa"]["answers"]) as f:
-    answers = [json.loads(line) for line in f]
-  assert answers and all(isinstance(a["prediction"], str) for a in answers)
+  assert len(prompts) == 2 and all(os.path.isfile(os.path.join(t2i, p["file"])) for p in prompts)
   assert len(os.listdir(t2i)) == len(prompts) + 1
   # a second evaluation writes beside the first, never over it
   assert shapes_generation.new_dir(str(tmp_path), shapes_generation.T2I_DIR) == t2i + ".1"
