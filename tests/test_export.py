@@ -1,7 +1,7 @@
 """GenEval / DPG-Bench export and the generated ShapesWorld prompt-following proxy on a tiny STARFlow2
-checkpoint (seeded random weights, saved on the spot): the folder layouts the official scorers read, parsed back as they
-parse them; bad input (empty prompt line, missing file, existing output folder) is a clear error and
-nothing is overwritten."""
+checkpoint (seeded random weights, saved on the spot): the folder layouts the official scorers read,
+parsed back as they parse them; bad input (empty prompt line, missing file, existing output folder) is
+a clear error and nothing is overwritten."""
 import json
 import os
 import re
