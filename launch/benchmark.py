@@ -954,6 +954,16 @@ def print_table(figures: dict) -> None:
     if f:
       rows.append((f"STARFlow2 generation per image, {name}", f"{f['per_image_s'] * 1e3:.1f} ms",
                    f"tiny config, batch {figures['generation']['batch']}"))
+  for shape, impls in figures.get("attention", {}).items():
+    for impl, f in impls.items():
+      rows.append((f"attention {shape}, {impl}", f"{f['fwd_gflop_per_s']:.1f} GFLOP/s",
+                   f"fwd+bwd {f['fwd_bwd_gflop_per_s']:.1f} GFLOP/s"))
+  for key, what in (("train", "train step"), ("sample", "sampling"), ("guided", "guided sampling")):
+    f = figures.get("reference", {}).get(key)
+    if f:
+      rows.append((f"apple/ml-tarflow {what} (same model)", f"{f['ours']['median_s'] * 1e3:.1f} ms",
+                   f"reference {f['reference']['median_s'] * 1e3:.1f} ms = "
+                   f"{f['reference_over_ours']['of_medians']:.2f}x ours"))
   rows.append(("peak host memory", f"{figures['host']['peak_host_memory_bytes'] / 2 ** 30:.2f} GiB", ""))
   width = max(len(r[0]) for r in rows)
   print("\n[table]")
