@@ -1,7 +1,7 @@
 """The benchmark table: training, sampling and decoding speed of this project, measured in one run.
 
   python -m launch.benchmark [--width=256] [--tokens=256] [--batch=1] [--repeats=3]
-      [--parts=sampling,jacobi,strategies,flops,decode,attention,reference]
+      [--parts=sampling,jacobi,strategies,flops,decode,generation,attention,reference]
       [--reference_tarflow=PATH] [--dtype=float32|bfloat16] [--out=FILE.json] [--quick]
 
 Parts (each prints a table of median times over --repeats timed calls, after compilation; the run
@@ -18,7 +18,10 @@ ends with one summary table of the headline figures and writes every figure to -
             of all tokens), GS-Jacobi segments of --jacobi_block tokens, and per-block (a calibration
             run ranks the blocks by Jacobi iterations, `flows.rank_blocks`; those above
             --sequential_above are sampled sequentially, the rest in segments). Speed-ups over
-            sequential and each sample's difference from the sequential one.
+            sequential and each sample's difference from the sequential one. With
+            --strategies_checkpoint=DIR the model is that trained flow checkpoint instead (e.g. the
+            README's digits TarFlow; noise N(0, 1), labels 0, 1, ...), where blocks do differ;
+            --strategies_init picks Jacobi's initial guess (flows.Jacobi.init).
   flops     achieved FLOP/s of a jitted forward+backward (`jax.value_and_grad` of `flows.loss`) for
             each of --flops_widths (three model sizes), as a fraction of the matmul peak measured in
             the same run (the fastest square `jnp.dot` of --peak_sizes, in the trunk dtype; MFU).
@@ -42,8 +45,14 @@ ends with one summary table of the headline figures and writes every figure to -
             with as many threads as XLA's CPU pool (the CPUs this process may use). Rows are
             interleaved; the table gives medians and reference / ours ratios, and the losses and
             samples of both (which agree to float32 round-off).
-The table also lists the peak host memory of the run and, as a named gap, the interleaved generation
-latency per image (it needs the generation of issue 10).
+  generation STARFlow2 generation latency per image: whole text-to-image requests of --batch captions
+            through `generate.api.Generator.run` (the interleaved generation loop: VLM prefill, the
+            image span's flow tokens, shallow inversion, score denoising, FAE decode) on the tiny
+            STARFlow2 of configs/starflow2_tiny.py (stage 3, seeded random weights), the image span
+            decoded sequentially and with Jacobi (--jacobi_block, capped at the span's tokens).
+            Per image = request time / --batch. `starflow2_jax.generate.bench` times the loop alone
+            for any STARFlow2 config.
+The table also lists the peak host memory of the run.
 
 The model is the STARFlow stack of the flows API (starflow parametrisation and layout, 2-D RoPE,
 starflow2 permutations, class conditioning of the deep block) on a square grid of --tokens 2x2
@@ -74,6 +83,8 @@ from absl import app, flags
 from starflow2_jax import entry, flows, parallel
 from starflow2_jax.convert import tarflow_torch
 from starflow2_jax.errors import UserError
+from starflow2_jax.eval import metrics
+from starflow2_jax.flows import cli as flow_cli, sampling
 from starflow2_jax.nn import attention_ops
 from starflow2_jax.train import defaults, optimizer, state as train_state, step as train_step, tasks
 from starflow2_jax.vlm import generate as gen
@@ -85,8 +96,9 @@ _LAYERS = flags.DEFINE_list("layers", ["2", "2", "4"], "layers per flow block, d
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "attention head dimension")
 _BATCH = flags.DEFINE_integer("batch", 1, "images per sampling call")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per measurement (median reported)")
-_PARTS = flags.DEFINE_list("parts", ["sampling", "jacobi", "strategies", "flops", "decode"],
-                           "parts to run: sampling, jacobi, strategies, flops, decode, attention, reference")
+_PARTS = flags.DEFINE_list("parts", ["sampling", "jacobi", "strategies", "flops", "decode", "generation"],
+                           "parts to run: sampling, jacobi, strategies, flops, decode, generation, "
+                           "attention, reference")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "trunk compute dtype")
 _JACOBI_BLOCK = flags.DEFINE_integer("jacobi_block", 16, "Jacobi chunk length (tokens)")
 _JACOBI_THRESHOLD = flags.DEFINE_float("jacobi_threshold", 1e-3, "Jacobi relative-change threshold")
@@ -103,6 +115,10 @@ _SLOW_STD = flags.DEFINE_float("strategies_slow_block_std", 0.0, "strategies: pr
                                "noise-side block alone (0: --strategies_head_std); a larger value makes "
                                "that block converge slowly under Jacobi, as the first-inverted block of "
                                "trained TarFlows does (GS-Jacobi, arXiv 2505.12849)")
+_STRAT_CKPT = flags.DEFINE_string("strategies_checkpoint", None, "strategies: a trained flow parameter "
+                                  "checkpoint to sample instead of the AFHQ-shaped random TarFlow")
+_STRAT_INIT = flags.DEFINE_enum("strategies_init", "noise", list(sampling.INITS),
+                                "strategies: Jacobi's initial guess (flows.Jacobi.init)")
 _SEQ_ABOVE = flags.DEFINE_float("sequential_above", 0.5, "strategies: a block whose Jacobi needs more "
                                 "than this fraction of --jacobi_max_iter per chunk is sampled "
                                 "sequentially")
@@ -138,8 +154,9 @@ _QUICK = flags.DEFINE_bool("quick", False, "smoke test: width 64, 16 tokens, one
                            "(overrides size and repeat flags)")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the parameters and the noise")
 
-PARTS = ("sampling", "jacobi", "strategies", "flops", "decode", "attention", "reference")
-DEFAULT_PARTS = ("sampling", "jacobi", "strategies", "flops", "decode")
+PARTS = ("sampling", "jacobi", "strategies", "flops", "decode", "generation", "attention", "reference")
+DEFAULT_PARTS = ("sampling", "jacobi", "strategies", "flops", "decode", "generation")
+GENERATION_CAPTION = "a small red circle"
 REF_CLASSES = 10  # class-conditional TarFlow, as apple/ml-tarflow's ImageNet / AFHQ models
 REF_CHANNELS = 3
 REF_HEAD_DIM = 64  # transformer_flow.py's MetaBlock default (Model does not pass another)
@@ -168,6 +185,8 @@ class Settings:
   strategies_width: int = 128
   strategies_head_std: float = 0.01
   strategies_slow_block_std: float = 0.0
+  strategies_checkpoint: str | None = None
+  strategies_init: str = "noise"
   sequential_above: float = 0.5
   flops_widths: tuple[int, ...] = (256, 512, 1024)
   flops_batch: int = 4
@@ -398,17 +417,31 @@ def strategies_config(s: Settings):
       layers_per_block=(s.strategies_layers,) * s.strategies_blocks, num_classes=3, dtype=s.dtype)
 
 
+def checkpoint_model(path: str, batch: int, seed: int):
+  """build_model's (model, variables, z, labels) of a trained flow parameter checkpoint (or training
+  workdir: its newest params_<step>)."""
+  model, params, _ = flow_cli.load_flow(metrics.resolve_checkpoint(path))
+  cfg = model.cfg
+  z = jax.random.normal(jax.random.key(seed), (batch, cfg.num_tokens, cfg.token_dim), jnp.float32)
+  labels = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes if cfg.num_classes else None
+  return model, {"params": jax.device_put(params)}, z, labels
+
+
 def bench_strategies(s: Settings) -> dict:
   """Sequential vs plain Jacobi (one segment of all tokens) vs GS-Jacobi segments vs per-block
   strategies (sequential where a calibration run ranks a block slow, segments elsewhere)."""
-  cfg = strategies_config(s)
-  model, variables, z, labels = build_model(cfg, s.batch, s.seed)
-  variables = randomise_heads(variables, s.strategies_head_std, s.seed + 2)
-  if s.strategies_slow_block_std:
+  if s.strategies_checkpoint:
+    model, variables, z, labels = checkpoint_model(s.strategies_checkpoint, s.batch, s.seed)
+    cfg = model.cfg
+  else:
+    cfg = strategies_config(s)
+    model, variables, z, labels = build_model(cfg, s.batch, s.seed)
+    variables = randomise_heads(variables, s.strategies_head_std, s.seed + 2)
+  if s.strategies_slow_block_std and not s.strategies_checkpoint:
     deep = f"blocks_{cfg.num_blocks - 1}"
     variables["params"][deep] = randomise_heads(variables["params"][deep], s.strategies_slow_block_std,
                                                 s.seed + 3)
-  common = dict(threshold=s.jacobi_threshold, max_iter=s.jacobi_max_iter)
+  common = dict(threshold=s.jacobi_threshold, max_iter=s.jacobi_max_iter, init=s.strategies_init)
   segments = flows.Jacobi(block_size=s.jacobi_block, **common)
   plain = flows.Jacobi(block_size=cfg.num_tokens, **common)
   t0 = time.perf_counter()
@@ -416,19 +449,32 @@ def bench_strategies(s: Settings) -> dict:
       variables, z, labels))
   calibrate_s = time.perf_counter() - t0
   mixed = flows.choose_strategies(ranks, segments, s.sequential_above)
-  variants = {"sequential": None, "plain_jacobi": plain, "segments": segments, "per_block": mixed}
-  calls = {name: compile_call(lambda v, z, l, j=j: flows.reverse(model, v, z, l, jacobi=j), variables,
-                              z, labels, warmup=False) for name, j in variants.items()}
+  # no block ranked slow: per-block is the segments strategy (one executable for both)
+  per_block = segments if all(m == segments for m in mixed) else mixed
+  variants = {"sequential": None, "plain_jacobi": plain, "segments": segments, "per_block": per_block}
+  compiled = {}  # one executable per distinct strategy (timed under each name)
+  calls = {}
+  for name, j in variants.items():
+    if j not in compiled:
+      compiled[j] = compile_call(lambda v, z, l, j=j: flows.reverse(model, v, z, l, jacobi=j), variables,
+                                 z, labels, warmup=False)
+    calls[name] = compiled[j]
   t, out = time_calls(calls, s.repeats)
   seq_x = out["sequential"][0]
   finite = bool(np.all(np.isfinite(np.asarray(seq_x))))
-  print(f"\n[strategies] AFHQ-shaped TarFlow: {s.strategies_image} px, patch {s.strategies_patch} "
-        f"({cfg.num_tokens} tokens x {cfg.token_dim}), {cfg.num_blocks} blocks x "
-        f"{s.strategies_layers} layers, width {cfg.width}, batch {s.batch}, proj_out ~ "
-        f"N(0, {s.strategies_head_std:g}^2)"
-        + (f" (noise-side block N(0, {s.strategies_slow_block_std:g}^2))" if s.strategies_slow_block_std
-           else "") + f"; threshold {s.jacobi_threshold:g}, max_iter "
-        f"{s.jacobi_max_iter}, segments of {segments.block_size}")
+  if s.strategies_checkpoint:
+    what = (f"trained flow {s.strategies_checkpoint}: {cfg.image_size[0]} px, patch {cfg.patch_size} "
+            f"({cfg.num_tokens} tokens x {cfg.token_dim}), {cfg.num_blocks} blocks x "
+            f"{list(cfg.layers_per_block)} layers, width {cfg.width}, batch {s.batch}")
+  else:
+    what = (f"AFHQ-shaped TarFlow: {s.strategies_image} px, patch {s.strategies_patch} "
+            f"({cfg.num_tokens} tokens x {cfg.token_dim}), {cfg.num_blocks} blocks x "
+            f"{s.strategies_layers} layers, width {cfg.width}, batch {s.batch}, proj_out ~ "
+            f"N(0, {s.strategies_head_std:g}^2)"
+            + (f" (noise-side block N(0, {s.strategies_slow_block_std:g}^2))"
+               if s.strategies_slow_block_std else ""))
+  print(f"\n[strategies] {what}; threshold {s.jacobi_threshold:g}, max_iter {s.jacobi_max_iter}, "
+        f"segments of {segments.block_size}, init {s.strategies_init}")
   print(f"  ranking (fraction of max_iter per segment, data side first): "
         f"{', '.join(f'{r:.2f}' for r in ranks)} (calibration run {calibrate_s:.1f} s incl. compile)"
         f"; per-block: {['seq' if m is None else 'jacobi' for m in mixed]}")
@@ -436,7 +482,9 @@ def bench_strategies(s: Settings) -> dict:
     print("  WARNING: the sequential sample is not finite; lower --strategies_head_std / "
           "--strategies_slow_block_std")
   figures = {"config": {"tokens": cfg.num_tokens, "token_dim": cfg.token_dim, "blocks": cfg.num_blocks,
-                        "layers": s.strategies_layers, "width": cfg.width}, "finite": finite,
+                        "layers": list(cfg.layers_per_block), "width": cfg.width,
+                        "checkpoint": s.strategies_checkpoint, "init": s.strategies_init},
+             "finite": finite,
              "ranks": ranks.tolist(), "per_block_sequential": [m is None for m in mixed]}
   for name in variants:
     x, info = out[name]
@@ -572,6 +620,41 @@ def bench_decode(s: Settings) -> dict:
     figures[str(rows)] = {"prefill_1": t[1].to_json(), "new_tokens": s.decode_new,
                           "full": t[s.decode_new].to_json(), "decode_tokens_per_s": rate,
                           "includes_prefill": with_prefill}
+  return figures
+
+
+def bench_generation(s: Settings, gen=None) -> dict:
+  """Latency per image of whole STARFlow2 text-to-image requests (module docstring, part generation);
+  gen: a loaded `generate.api.Generator` (None: the tiny config's)."""
+  if gen is None:
+    from configs import starflow2_tiny  # the repository's config folder (launch runs from its root)
+    from starflow2_jax.generate.api import Generator
+    gen = Generator.build(starflow2_tiny.get_config("stage=3"))
+  n = gen.cfg.num_latents
+  block = min(s.jacobi_block, n)
+  print(f"\n[generation] tiny STARFlow2 (configs/starflow2_tiny.py stage 3, random weights): "
+        f"{n} latent tokens per image, batch {s.batch}, Jacobi segments of {block} tokens")
+  captions = [GENERATION_CAPTION] * s.batch
+  overrides = {"sequential": {"jacobi_block": 0},
+               "jacobi": {"jacobi_block": block, "jacobi_threshold": s.jacobi_threshold,
+                          "jacobi_max_iter": s.jacobi_max_iter}}
+  calls = {}
+  for name, o in overrides.items():
+    t0 = time.perf_counter()
+    gen.run("text_to_image", captions, seed=s.seed, **o)  # compiles this request's functions
+    calls[name] = Call(functools.partial(gen.run, "text_to_image", captions, seed=s.seed, **o), (),
+                       time.perf_counter() - t0, warmup=False)
+  t, outs = time_calls(calls, s.repeats)
+  figures = {"batch": s.batch, "latent_tokens": n, "jacobi_block": block,
+             "jacobi_iters": outs["jacobi"]["jacobi_iters"]}
+  for name in overrides:
+    print(t[name].row(f"{name}: request of {s.batch} image(s)"))
+    figures[name] = {**t[name].to_json(), "per_image_s": t[name].median / s.batch,
+                     "images": sum(len(r) for r in outs[name]["images"])}
+  figures["sequential_over_jacobi"] = ratios(t["sequential"], t["jacobi"])
+  print(f"  per image: sequential {figures['sequential']['per_image_s'] * 1e3:.1f} ms, Jacobi "
+        f"{figures['jacobi']['per_image_s'] * 1e3:.1f} ms (iterations per segment "
+        f"{figures['jacobi_iters']})")
   return figures
 
 
@@ -825,19 +908,17 @@ def run(s: Settings) -> dict:
     figures["flops"] = bench_flops(s)
   if "decode" in s.parts:
     figures["decode"] = bench_decode(s)
+  if "generation" in s.parts:
+    figures["generation"] = bench_generation(s)
   if "attention" in s.parts:
     figures["attention"] = bench_attention(s)
   if "reference" in s.parts:
     figures["reference"] = bench_reference(s)
-  figures["interleaved_generation"] = {"per_image_s": None, "status": INTERLEAVED_GAP}
   figures["host"]["load_avg_1m_end"] = os.getloadavg()[0]
   figures["host"]["peak_host_memory_bytes"] = peak_host_memory()
   print(f"\nload average {figures['host']['load_avg_1m_end']:.2f} at the end")
   print_table(figures)
   return figures
-
-
-INTERLEAVED_GAP = "not measured: interleaved text+image generation comes with issue 10 (generation)"
 
 
 def peak_host_memory() -> int:
@@ -859,14 +940,30 @@ def print_table(figures: dict) -> None:
     if isinstance(f, dict) and "jacobi" in f:
       rows.append((f"sampling, jacobi ({name})", f"{f['jacobi']['median_s'] * 1e3:.1f} ms",
                    f"{f['sequential_over_jacobi']['of_medians']:.2f}x vs sequential"))
+  strategies = figures.get("strategies", {})
+  model = "trained-flow" if strategies.get("config", {}).get("checkpoint") else "AFHQ-shaped"
   for name in ("sequential", "plain_jacobi", "segments", "per_block"):
-    f = figures.get("strategies", {}).get(name)
+    f = strategies.get(name)
     if f:
-      rows.append((f"AFHQ-shaped sampling, {name}", f"{f['timing']['median_s']:.2f} s",
+      rows.append((f"{model} sampling, {name}", f"{f['timing']['median_s'] * 1e3:.1f} ms",
                    f"{f['speedup_over_sequential']['of_medians']:.2f}x vs sequential"))
   for batch, f in figures.get("decode", {}).items():
     rows.append((f"text decoding, batch {batch}", f"{f['decode_tokens_per_s']:.1f} tokens/s", ""))
-  rows.append(("interleaved generation per image", "-", figures["interleaved_generation"]["status"]))
+  for name in ("sequential", "jacobi"):
+    f = figures.get("generation", {}).get(name)
+    if f:
+      rows.append((f"STARFlow2 generation per image, {name}", f"{f['per_image_s'] * 1e3:.1f} ms",
+                   f"tiny config, batch {figures['generation']['batch']}"))
+  for shape, impls in figures.get("attention", {}).items():
+    for impl, f in impls.items():
+      rows.append((f"attention {shape}, {impl}", f"{f['fwd_gflop_per_s']:.1f} GFLOP/s",
+                   f"fwd+bwd {f['fwd_bwd_gflop_per_s']:.1f} GFLOP/s"))
+  for key, what in (("train", "train step"), ("sample", "sampling"), ("guided", "guided sampling")):
+    f = figures.get("reference", {}).get(key)
+    if f:
+      rows.append((f"apple/ml-tarflow {what} (same model)", f"{f['ours']['median_s'] * 1e3:.1f} ms",
+                   f"reference {f['reference']['median_s'] * 1e3:.1f} ms = "
+                   f"{f['reference_over_ours']['of_medians']:.2f}x ours"))
   rows.append(("peak host memory", f"{figures['host']['peak_host_memory_bytes'] / 2 ** 30:.2f} GiB", ""))
   width = max(len(r[0]) for r in rows)
   print("\n[table]")
@@ -879,7 +976,8 @@ def settings_from_flags() -> Settings:
   kw = dict(parts=tuple(_PARTS.value), dtype=_DTYPE.value, seed=_SEED.value,
             jacobi_threshold=_JACOBI_THRESHOLD.value, jacobi_max_iter=_JACOBI_MAX_ITER.value,
             head_std=_HEAD_STD.value, strategies_head_std=_STRAT_HEAD_STD.value,
-            strategies_slow_block_std=_SLOW_STD.value,
+            strategies_slow_block_std=_SLOW_STD.value, strategies_checkpoint=_STRAT_CKPT.value,
+            strategies_init=_STRAT_INIT.value,
             sequential_above=_SEQ_ABOVE.value, reference_tarflow=_REFERENCE.value, guidance=_GUIDANCE.value,
             ref_before=_REF_BEFORE.value, ref_head_std=_REF_HEAD_STD.value)
   if _QUICK.value:

@@ -33,12 +33,12 @@ def _numbers(tree):
 
 def test_quick_run_writes_finite_positive_figures(tmp_path, parse_flags, capsys):
   out = tmp_path / "bench.json"
-  parse_flags("--quick", f"--out={out}")
+  # every part but generation (tests/test_export.py times it on its shared tiny STARFlow2)
+  parse_flags("--quick", f"--out={out}", "--parts=sampling,jacobi,strategies,flops,decode")
   benchmark.main(["benchmark"])
   printed = capsys.readouterr().out
   assert "uncached / cached" in printed and "sequential / jacobi" in printed
   assert "of the measured peak" in printed and "[table]" in printed
-  assert "interleaved generation per image" in printed and "issue 10" in printed  # a named gap
   figures = json.loads(out.read_text())
   s, j, f, st = figures["sampling"], figures["jacobi"], figures["flops"], figures["strategies"]
   assert sorted(f["train_steps"], key=int) == ["32", "64", "96"]  # three model sizes
@@ -60,7 +60,6 @@ def test_quick_run_writes_finite_positive_figures(tmp_path, parse_flags, capsys)
   assert all(math.isfinite(x) and x > 0 for x in headline), headline
   assert all(math.isfinite(x) and x >= 0 for x in _numbers(figures))
   assert s["difference"]["max_abs"] < 1e-4  # both samplers invert the same flow
-  assert figures["interleaved_generation"]["per_image_s"] is None
 
 
 def test_refuses_to_overwrite(tmp_path, parse_flags):

@@ -136,15 +136,19 @@ def test_fid_of_a_folder_against_itself_is_zero_and_of_flow_samples(tmp_path, in
     metrics.fid(ref_stats=None, inception_dir=inception_dir, samples=str(tmp_path / "real"))
 
 
-def test_fd_dinov2_of_a_folder_against_itself_is_zero(tmp_path, one_device):
+def _tiny_dinov2(path, input_size):
   """A tiny random DINOv2 (the FAE package's port) saved as a converted checkpoint."""
   from starflow2_jax.fae import dinov2
-  cfg = dinov2.Dinov2Config(hidden_size=32, num_layers=1, num_heads=2, patch_size=8, image_size=16)
+  cfg = dinov2.Dinov2Config(hidden_size=32, num_layers=1, num_heads=2, patch_size=14, image_size=input_size)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32),
                         nn.unbox(dinov2.abstract_params(cfg)))
-  path = ckpt.save_params(str(tmp_path / "dinov2"), params, ml_collections.ConfigDict(
+  return ckpt.save_params(str(path), params, ml_collections.ConfigDict(
       {"model_kind": dinov2.MODEL_KIND, "model": cfg.to_dict()}))
+
+
+def test_fd_dinov2_of_a_folder_against_itself_is_zero(tmp_path, one_device):
+  path = _tiny_dinov2(tmp_path / "dinov2", metrics.DGM_EVAL_SIZE)
   images = np.stack([ShapesWorldSource("test", 24, 4, 0)[i]["image"] for i in range(4)])
   _write_pngs(tmp_path / "real", images)
   feats = metrics.folder_features("dinov2", str(tmp_path / "real"), path, batch_size=4, mesh=one_device,
@@ -156,6 +160,26 @@ def test_fd_dinov2_of_a_folder_against_itself_is_zero(tmp_path, one_device):
   assert abs(same["fd_dinov2"]) < 1e-7 * np.trace(np.cov(feats, rowvar=False))
   with pytest.raises(UserError, match="--from=hf_dinov2 .*--dinov2=DIR"):
     metrics.fd_dinov2(ref_stats=stats, dinov2_dir=None, samples=str(tmp_path / "real"))
+  other = _tiny_dinov2(tmp_path / "dinov2_518", 28)
+  with pytest.raises(UserError, match=r"input_size \[28, 28\]; convert it again .*--input_size=224"):
+    metrics.folder_features("dinov2", str(tmp_path / "real"), other, mesh=one_device, progress=False)
+
+
+def test_fd_dinov2_preprocessing_is_dgm_evals():
+  """dgm-eval's DINOv2 transform (Resize((224, 224), BICUBIC) of the PIL image, ToTensor, ImageNet
+  Normalize) equals dgm_eval_resize + the DINOv2 port's normalisation, up- and downscaling."""
+  tf = pytest.importorskip("torchvision.transforms")
+  from starflow2_jax.fae import dinov2
+  cfg = dinov2.Dinov2Config(hidden_size=32, num_layers=1, num_heads=2, patch_size=14,
+                            image_size=metrics.DGM_EVAL_SIZE)
+  reference = tf.Compose([tf.Resize((224, 224), tf.InterpolationMode.BICUBIC), tf.ToTensor(),
+                          tf.Normalize(dinov2.IMAGENET_MEAN, dinov2.IMAGENET_STD)])
+  rng = np.random.default_rng(0)
+  for h, w in ((37, 53), (300, 281)):
+    images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    want = np.stack([reference(Image.fromarray(im)).numpy().transpose(1, 2, 0) for im in images])
+    got = np.asarray(dinov2.preprocess(metrics.dgm_eval_resize(images), cfg))
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_shapes_and_qa_proxies_and_bad_files(tmp_path):

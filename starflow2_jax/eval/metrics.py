@@ -8,6 +8,9 @@
                    dequantisation and no bin constant): L + 0.5 log 2 pi. Never reported as bits/dim.
   frechet_metric   FID (FID Inception pool features) or FD-DINOv2 (DINOv2 CLS token) of images (a PNG
                    folder, or samples drawn from a flow checkpoint) against reference statistics.
+                   FD-DINOv2 preprocesses as dgm-eval (layer6ai-labs/dgm-eval, the tool of Stein et al.
+                   2023) does: PIL bicubic resize of the uint8 image to 224 x 224 (torchvision's
+                   Resize((224, 224), BICUBIC) on a PIL image), / 255, ImageNet mean and std.
   shapes_prompt_following / shapes_qa   the ShapesWorld proxies on a folder of generated PNGs with
                    prompts.jsonl, and on a QA answers jsonl (the demo's eval/t2i and eval/qa.jsonl).
 
@@ -192,6 +195,16 @@ def _image_batches(files: list[str], batch_size: int) -> Iterator[dict]:
 
 # -- Frechet distances --------------------------------------------------------------------------------
 NETWORKS = ("inception", "dinov2")  # the feature networks of FID and FD-DINOv2
+DGM_EVAL_SIZE = 224  # dgm-eval's DINOv2 input side (dgm_eval/models/dinov2.py)
+
+
+def dgm_eval_resize(images: np.ndarray) -> np.ndarray:
+  """uint8 [b, H, W, 3] -> uint8 [b, 224, 224, 3]: dgm-eval's DINOv2 resize (PIL bicubic of each RGB
+  image, what torchvision's Resize((224, 224), BICUBIC) does to a PIL image)."""
+  size = (DGM_EVAL_SIZE, DGM_EVAL_SIZE)
+  if images.shape[1:3] == size:
+    return images
+  return np.stack([np.asarray(Image.fromarray(im).resize(size, Image.BICUBIC)) for im in images])
 
 
 @functools.lru_cache(maxsize=2)
@@ -199,9 +212,9 @@ def _feature_fn(network: str, checkpoint: str | None, mesh: jax.sharding.Mesh):
   """The jitted uint8 batch {"image": [b, H, W, 3]} -> {"features": [b, F]} of a converted network
   (one per network and directory, so repeated evaluations in one process compile once):
   inception: the FID Inception's 2048-d pool features of pixels / 255;
-  dinov2: the final-normed CLS token of DINOv2 at its converted input size (bicubic resize,
-  ImageNet normalisation), the representation of FD-DINOv2 (Stein et al. 2023; their encoder is
-  ViT-L/14 at 224 x 224: convert with --input_size=224)."""
+  dinov2: the final-normed CLS token of DINOv2 of 224 x 224 images (`dgm_eval_resize` first), ImageNet
+  normalisation: the representation of FD-DINOv2 (Stein et al. 2023; their encoder is ViT-L/14 at
+  224 x 224: convert with --input_size=224)."""
   if network == "inception":
     if not checkpoint:
       raise UserError("FID needs the FID Inception network: convert pytorch-fid's weights with python -m "
@@ -219,6 +232,10 @@ def _feature_fn(network: str, checkpoint: str | None, mesh: jax.sharding.Mesh):
                     "--checkpoint=HF_DINOV2_DIR --out=DIR --input_size=224, then pass --dinov2=DIR")
   from starflow2_jax.fae import dinov2  # the FAE package's DINOv2 port
   model, params, cfg = dinov2.load_dinov2(checkpoint, mesh)
+  if tuple(cfg.input_hw) != (DGM_EVAL_SIZE, DGM_EVAL_SIZE):
+    raise UserError(f"--dinov2={checkpoint}: FD-DINOv2 (dgm-eval) feeds DINOv2 {DGM_EVAL_SIZE} x "
+                    f"{DGM_EVAL_SIZE} images, but this checkpoint takes input_size {list(cfg.input_hw)}; "
+                    f"convert it again with launch.convert --from=hf_dinov2 --input_size={DGM_EVAL_SIZE}")
 
   @jax.jit
   def cls_features(batch):
@@ -231,6 +248,8 @@ def network_features(network: str, checkpoint: str | None, batches: Iterable[dic
   """Features [total, F] of uint8 image batches {"image": [b, H, W, 3]} (`_feature_fn`)."""
   mesh = mesh or eval_mesh()
   fn = _feature_fn(network, checkpoint, mesh)
+  if network == "dinov2":
+    batches = ({"image": dgm_eval_resize(b["image"])} for b in batches)
   return sharded_map(fn, batches, total, mesh, network if progress else "")["features"]
 
 
