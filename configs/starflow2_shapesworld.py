@@ -36,8 +36,10 @@ MIXTURES = {
     2: {"text_to_image": 0.0, "understanding": 1.0, "editing": 0.0, "interleaved": 0.0},
     3: {"text_to_image": 2.0, "understanding": 2.0, "editing": 0.0, "interleaved": 1.0},
 }
-STEPS = {1: 800, 2: 600, 3: 400}
-LR = {1: 1e-3, 2: 3e-3, 3: 1e-3}  # stage 2 trains the small adapter alone
+# stage 2 trains the small adapter alone (cheap steps: no deep stream); its training L_NTP still falls
+# from 1.04 at step 100 to 0.61 at step 1250, so it gets the most steps
+STEPS = {1: 800, 2: 1500, 3: 400}
+LR = {1: 1e-3, 2: 3e-3, 3: 1e-3}
 GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt: caption dropout 0.1)
 # generation: a document of three images (3 x 18 positions) with its text after a prompt of ~40 tokens
 SAMPLE_CACHE_LEN = 192
