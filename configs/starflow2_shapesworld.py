@@ -10,10 +10,10 @@ combinations kept out of the training split (`EXCLUDED`) to test compositional g
       --config.init_from=DIR/stage1
   (stage=3 likewise with --config.init_from=DIR/stage2)
 
-The argument is "stage=N" or "stage=N,smoke" (a few steps, for tests). Each stage's data mixture is what
-its loss reads: stage 1 (L_NF) text-to-image and interleaved documents, stage 2 (L_NTP through the
-adapter) understanding, stage 3 all of them. Held-out latent NLL (nats/dim) and text CE are written to
-WORKDIR/eval_*.json.
+The argument is "stage=N" or "stage=N,smoke" (a few steps of a flow with one shallow block and one
+deep layer, for tests). Each stage's data mixture is what its loss reads: stage 1 (L_NF) text-to-image
+and interleaved documents, stage 2 (L_NTP through the adapter) understanding, stage 3 all of them.
+Held-out latent NLL (nats/dim) and text CE are written to WORKDIR/eval_*.json.
 """
 import ml_collections
 
@@ -45,6 +45,8 @@ GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt:
 SAMPLE_CACHE_LEN = 192
 SAMPLE_MAX_NEW_TOKENS = 128
 SMOKE_STEPS = 3
+SMOKE_SHALLOW_BLOCKS = 1
+SMOKE_DEEP_LAYERS = 1
 
 
 def flow_model() -> ml_collections.ConfigDict:
@@ -107,6 +109,9 @@ def get_config(arg=None):
     config.train.steps = SMOKE_STEPS
     config.train.warmup = 1
     config.train.batch_size = 8
+    # one shallow block and one deep layer: fewer programs to compile in every stage and in generation
+    config.model.shallow_blocks = SMOKE_SHALLOW_BLOCKS
+    config.model.deep_layers = SMOKE_DEEP_LAYERS
     config.log.every = 1
     config.log.eval_examples = 8 if stage == 3 else 0  # the summary reads stage 3's
   return stages.apply_stage(config, stage)
