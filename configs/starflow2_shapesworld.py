@@ -10,10 +10,10 @@ combinations kept out of the training split (`EXCLUDED`) to test compositional g
       --config.init_from=DIR/stage1
   (stage=3 likewise with --config.init_from=DIR/stage2)
 
-The argument is "stage=N" or "stage=N,smoke" (a few steps, for tests). Each stage's data mixture is what
-its loss reads: stage 1 (L_NF) text-to-image and interleaved documents, stage 2 (L_NTP through the
-adapter) understanding, stage 3 all of them. Held-out latent NLL (nats/dim) and text CE are written to
-WORKDIR/eval_*.json.
+The argument is "stage=N" or "stage=N,smoke" (a few steps of a flow with one shallow block and one
+deep layer, for tests). Each stage's data mixture is what its loss reads: stage 1 (L_NF) text-to-image
+and interleaved documents, stage 2 (L_NTP through the adapter) understanding, stage 3 all of them.
+Held-out latent NLL (nats/dim) and text CE are written to WORKDIR/eval_*.json.
 """
 import ml_collections
 
@@ -36,13 +36,17 @@ MIXTURES = {
     2: {"text_to_image": 0.0, "understanding": 1.0, "editing": 0.0, "interleaved": 0.0},
     3: {"text_to_image": 2.0, "understanding": 2.0, "editing": 0.0, "interleaved": 1.0},
 }
-STEPS = {1: 800, 2: 600, 3: 400}
-LR = {1: 1e-3, 2: 3e-3, 3: 1e-3}  # stage 2 trains the small adapter alone
+# stage 2 trains the small adapter alone (cheap steps: no deep stream); its training L_NTP still falls
+# from 1.04 at step 100 to 0.61 at step 1250, so it gets the most steps
+STEPS = {1: 800, 2: 1500, 3: 400}
+LR = {1: 1e-3, 2: 3e-3, 3: 1e-3}
 GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt: caption dropout 0.1)
 # generation: a document of three images (3 x 18 positions) with its text after a prompt of ~40 tokens
 SAMPLE_CACHE_LEN = 192
 SAMPLE_MAX_NEW_TOKENS = 128
 SMOKE_STEPS = 3
+SMOKE_SHALLOW_BLOCKS = 1
+SMOKE_DEEP_LAYERS = 1
 
 
 def flow_model() -> ml_collections.ConfigDict:
@@ -105,6 +109,9 @@ def get_config(arg=None):
     config.train.steps = SMOKE_STEPS
     config.train.warmup = 1
     config.train.batch_size = 8
+    # one shallow block and one deep layer: fewer programs to compile in every stage and in generation
+    config.model.shallow_blocks = SMOKE_SHALLOW_BLOCKS
+    config.model.deep_layers = SMOKE_DEEP_LAYERS
     config.log.every = 1
     config.log.eval_examples = 8 if stage == 3 else 0  # the summary reads stage 3's
   return stages.apply_stage(config, stage)

@@ -1,7 +1,13 @@
-"""The STARFlow2 demo end to end at smoke size (issue 11 item 4): every phase runs, every output exists
-and parses, a second run resumes (skips every finished phase) and a demo of another size is refused."""
+"""The STARFlow2 demo end to end at smoke size (issue 11 item 4): `python -m launch.demo --smoke` runs every
+phase, every output exists and parses, a second run resumes (skips every finished phase) and a demo of
+another size is refused.
+
+The demo runs as the user runs it: the CLI in a subprocess on one CPU device (the tests' 8 fake devices
+would turn every phase's programs into 8-way SPMD ones and make the smoke demo about twice as slow); the
+resume and the refusal run in this process (nothing is trained again)."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -13,6 +19,8 @@ from starflow2_jax.eval import shapes_detector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+FAKE_DEVICES = "--xla_force_host_platform_device_count"
+TIMEOUT_S = 900  # far above the demo's smoke time: a hung phase fails the test instead of blocking CI
 
 
 def _jsonl(path):
@@ -20,12 +28,26 @@ def _jsonl(path):
     return [json.loads(line) for line in f]
 
 
+def _one_device_env():
+  """This process's environment with the fake-device flag dropped from XLA_FLAGS (the rest kept)."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FAKE_DEVICES)]
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+  return env
+
+
 @pytest.mark.slow
 def test_smoke_demo_writes_every_output_and_resumes(tmp_path, capsys):
   root = str(tmp_path / "demo")
-  result = demo_run.run(root, smoke=True)
-  printed = capsys.readouterr().out
-  assert "wall time per phase" in printed and "prompt following" in printed and "QA accuracy" in printed
+  done = subprocess.run([sys.executable, "-m", "launch.demo", f"--workdir={root}", "--smoke"], cwd=REPO,
+                        env=_one_device_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert done.returncode == 0, done.stderr[-4000:]
+  assert "wall time per phase" in done.stdout and "prompt following" in done.stdout
+  assert "QA accuracy" in done.stdout
+  for k, name in enumerate(phases.PHASES, 1):  # each phase announced in order, training ones by command
+    assert f"[{k}/{len(phases.PHASES)}] {name}:" in done.stderr
+  assert "python -m launch.train --config=configs/starflow2_shapesworld.py:stage=3,smoke" in done.stderr
 
   with open(os.path.join(root, summary_lib.SUMMARY_FILE)) as f:
     summary = json.load(f)
@@ -57,7 +79,9 @@ def test_smoke_demo_writes_every_output_and_resumes(tmp_path, capsys):
     assert os.path.isfile(os.path.join(root, name, "config.json"))
 
   again = demo_run.run(root, smoke=True)  # resumes: every phase is done, nothing runs again
-  assert again["wall_seconds"] == result["wall_seconds"]
-  assert "skipped" in capsys.readouterr().err
+  assert again["wall_seconds"] == summary["wall_seconds"]
+  assert again["prompt_following"] == summary["prompt_following"] and again["qa"] == summary["qa"]
+  err = capsys.readouterr().err
+  assert all(f"{name}: done (" in err and "), skipped" in err for name in phases.PHASES)
   with pytest.raises(UserError, match="holds a demo of size 'smoke'"):
     demo_run.run(root, smoke=False)
