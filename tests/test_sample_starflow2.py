@@ -3,10 +3,12 @@ interleaved documents to PNGs, generation.json and a self-contained index.html; 
 (Jacobi iteration counts equal on every device); training-time samples; bad input. One tiny checkpoint
 and its loaded Generator are shared by the module (one compiled guided Jacobi text-to-image generator
 serves three tests)."""
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import ml_collections
@@ -121,9 +123,10 @@ def test_jacobi_iterations_equal_on_every_device(loaded):
   """Property 21 (d): 8 different captions, one per device of the data=8 mesh, give the Jacobi
   iteration counts of the same request on one device (the convergence test is a mean over the whole
   batch), and the same tokens and images."""
-  config, ck, gen = loaded
-  one = api.Generator.from_checkpoint(ck, mesh=parallel.make_mesh({"shape": {"data": 1}},
-                                                                   jax.devices()[:1]))
+  config, _, gen = loaded
+  mesh = parallel.make_mesh({"shape": {"data": 1}}, jax.devices()[:1])
+  one = jax.device_put((gen.params, gen.vlm_params, gen.fae_params), parallel.replicated(mesh))
+  one = dataclasses.replace(gen, params=one[0], vlm_params=one[1], fae_params=one[2], mesh=mesh)
   captions = [f"a {c} {s}" for c in ("red", "blue") for s in ("circle", "square", "cross", "star")]
   runs = [g.run("text_to_image", captions, seed=3, denoise="none", **T2I) for g in (gen, one)]
   iters = [r["jacobi_iters"] for r in runs]
@@ -135,18 +138,22 @@ def test_jacobi_iterations_equal_on_every_device(loaded):
 
 
 def test_training_samples(loaded, tmp_path):
-  """`Task.sample_fn` of model_kind starflow2: text-to-image samples of held-out captions through the
-  training loop's image writer (config.log.num_samples)."""
+  """`Task.sample_fn` of model_kind starflow2 (`pretzel_task.build` with config.log.num_samples > 0
+  takes `api.training_sampler`): text-to-image samples of held-out captions, written by the training
+  loop's image writer."""
   config, _, gen = loaded
   config = config.copy_and_resolve_references()
   config.log.num_samples = 2
   config.sample = ml_collections.ConfigDict(dict(denoise="none", **T2I))
-  task = pretzel_task.build(config, gen.mesh, gen.rules)
-  images = task.sample_fn(gen.params, task.frozen, jax.random.key(0), 2)
+  sample_fn = api.training_sampler(config, gen.model, gen.vlm, gen.fae,
+                                   pretzel_task.tokenizer_path(config.tokenizer), gen.mesh, gen.rules)
+  frozen = {"vlm": gen.vlm_params, "fae": gen.fae_params}
+  images = sample_fn(gen.params, frozen, jax.random.key(0), 2)
   assert images.shape == (2, 32, 32, 3) and images.dtype == np.float32
   assert np.all(np.abs(images) <= 1) and not np.allclose(images[0], images[1])
   captions = api.held_out_captions(config, 2)
   assert captions[0] != captions[1]
-  path = train_loop.write_samples(task, gen.params, task.frozen, jax.random.key(0), 2,
+  task = types.SimpleNamespace(sample_fn=sample_fn)  # write_samples reads only the task's sample_fn
+  path = train_loop.write_samples(task, gen.params, frozen, jax.random.key(0), 2,
                                   str(tmp_path / "samples.png"), gen.mesh, gen.rules)
-  assert os.path.isfile(path)
+  assert np.asarray(Image.open(path)).shape[2] == 3

@@ -50,6 +50,9 @@ from starflow2_jax.vlm import tokenizer as tok_lib
 
 MODEL_KIND = "starflow2"
 _NOISE_STREAM = 2  # the understanding-noise sub-key of a request's seed (0, 1: the loop's streams)
+# prompts are left-padded to a multiple of this many positions (capped by the cache): requests of
+# similar lengths share one compiled generator
+PROMPT_BUCKET = 32
 
 
 def sample_settings(config: ml_collections.ConfigDict) -> dict:
@@ -219,7 +222,7 @@ class Generator:
       rows += [prompts.prompt_tokens(self.builder, kind, t, null=True) for t in texts]
       u_images = None if u_images is None else jnp.concatenate([u_images, u_images])
     m = cfg.num_latents + 1 if kind == "text_to_image" else s["max_new_tokens"]
-    batch = prompts.batch(self.builder, rows, s["cache_len"], m)
+    batch = prompts.batch(self.builder, rows, s["cache_len"], m, PROMPT_BUCKET)
     p = self._place(prompts.with_input_latents(batch, cfg.token_dim, u_images))
     jac = (Jacobi(s["jacobi_block"], s["jacobi_threshold"], s["jacobi_max_iter"], s["jacobi_exact_cache"])
            if s["jacobi_block"] else None)
