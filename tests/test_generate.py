@@ -86,11 +86,20 @@ def interleaved():
   return prompt, _run(GEN, prompt, _forced(len(LENS)))
 
 
-def _teacher(prompt, res):
+@functools.lru_cache(maxsize=None)
+def _forward():
+  return jax.jit(functools.partial(pmodel.forward_from_u, tiny()[1]), static_argnums=(1,))
+
+
+def _teacher(prompt, res, rows: int = 2 * len(LENS)):
+  """The teacher-forced forward on the generated sequence, its prompt rows repeated to `rows` (one
+  compiled forward for the unguided and the guided runs); the outputs of the prompt's rows."""
   cfg, model, vlm, params, vparams = tiny()
-  inputs, u = prompts.full_sequence(prompt, res)
-  return jax.jit(functools.partial(pmodel.forward_from_u, model), static_argnums=(1,))(
-      params, vlm, vparams, inputs, u)
+  n = prompt["tokens"].shape[0]
+  reps = rows // n
+  inputs, u = prompts.full_sequence(_concat(*[prompt] * reps),
+                                    dict(res, positions=np.concatenate([res["positions"]] * reps)))
+  return jax.tree.map(lambda a: a[:n], _forward()(params, vlm, vparams, inputs, u))
 
 
 def test_interleaved_incremental_equals_teacher_forcing(interleaved):

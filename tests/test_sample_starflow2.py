@@ -112,9 +112,9 @@ def test_text_to_image_understanding_and_interleaved(loaded, tmp_path):
   assert rec["kind"] == "understanding" and rec["rows"][0]["images"] == []
   assert rec["rows"][0]["prompt_ids"].count(gen.cfg.specials.image_pad) == n
   assert (tmp_path / "vqa" / "index.html").read_text().count("data:image/png;base64,") == 1
-  run("doc", kind="interleaved", prompt="draw", max_new_tokens=30, text_temperature=1.0, denoise="none")
+  run("doc", kind="interleaved", prompt="draw", max_new_tokens=8, denoise="none")
   rec = json.loads((tmp_path / "doc" / "generation.json").read_text())
-  assert len(rec["rows"][0]["generated_ids"]) <= 30
+  assert rec["kind"] == "interleaved" and len(rec["rows"][0]["generated_ids"]) <= 8
   with pytest.raises(UserError, match="exists"):
     run("t2i", kind="text_to_image", prompt="again")
 
