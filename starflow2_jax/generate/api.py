@@ -95,7 +95,8 @@ def prompt_transform(config: ml_collections.ConfigDict, cfg: pconfig.PretzelConf
 @dataclasses.dataclass
 class Generator:
   """A loaded STARFlow2 model: the Pretzel (`model`, `params`), the frozen VLM and FAE, the prompt
-  builder (the training tokenisation), the experiment config."""
+  builder (the training tokenisation), the experiment config, and where it runs: the mesh and the
+  logical rules its params are placed by (every request is traced inside `parallel.sharding_context`)."""
   config: ml_collections.ConfigDict
   model: pmodel.Pretzel
   params: dict
@@ -104,7 +105,6 @@ class Generator:
   fae: object
   fae_params: dict
   transform: PretzelTransform
-
   mesh: jax.sharding.Mesh
   rules: tuple
 

@@ -28,9 +28,9 @@ where, all together,
   the chunk fits: i + k <= M.
 At any other iteration every row steps one position sequentially, so rows out of step (interleaved
 batches whose rows request their images at different columns, or with a row already done) decode
-their image spans sequentially, with exactly the sequential result; the counts
-reported are those of the chunks taken (-1: unused). Text-to-image batches (every row starts in its
-image at cell 0) always chunk.
+their image spans sequentially, with exactly the sequential result; the counts reported are those of
+the chunks taken (-1: unused). Text-to-image batches (every row starts in its image at cell 0) always
+chunk.
 
 Noise is per row, independent of the batch: eps of latent n of image k of row b is
 normal(fold_in(fold_in(fold_in(key_image, b), k), n)); text draws use fold_in(fold_in(key_text, b), i).
