@@ -274,7 +274,6 @@ class Generator:
     counts = np.asarray(res["num_images"])
     if not counts.any():
       return [[] for _ in range(b)]
-    cfg = self.cfg
     lat = res["latents"]
     x, _ = _jit_inverse(self.model, jac)(self.params, self._place(lat.reshape(b * num, *lat.shape[2:])))
     x = x.reshape(lat.shape)
