@@ -14,7 +14,8 @@ STARFlow2 (model_kind "starflow2": launch.train's export, params_<step>):
   python -m launch.sample --checkpoint=DIR --image=cat.png --prompt="What is this?" --out=/tmp/vqa
   python -m launch.sample --checkpoint=DIR --interleaved --prompt="Draw two shapes" --out=/tmp/doc
   writes image_<row>_<k>.png, generation.json (prompt ids, generated ids, image files) and a
-  self-contained index.html into a new --out directory (starflow2_jax.generate.cli).
+  self-contained index.html into a new --out directory (starflow2_jax.generate.cli). Runs on the
+  stored config's mesh (config.mesh: every local device by default), conversations over data x fsdp.
 
 VLM chat (model_kind "qwen2_5_vl"):
   python -m launch.sample --checkpoint=/ckpt/qwen2_5_vl_7b --tokenizer=qwen2.5 \

@@ -86,11 +86,20 @@ def interleaved():
   return prompt, _run(GEN, prompt, _forced(len(LENS)))
 
 
-def _teacher(prompt, res):
+@functools.lru_cache(maxsize=None)
+def _forward():
+  return jax.jit(functools.partial(pmodel.forward_from_u, tiny()[1]), static_argnums=(1,))
+
+
+def _teacher(prompt, res, rows: int = 2 * len(LENS)):
+  """The teacher-forced forward on the generated sequence, its prompt rows repeated to `rows` (one
+  compiled forward for the unguided and the guided runs); the outputs of the prompt's rows."""
   cfg, model, vlm, params, vparams = tiny()
-  inputs, u = prompts.full_sequence(prompt, res)
-  return jax.jit(functools.partial(pmodel.forward_from_u, model), static_argnums=(1,))(
-      params, vlm, vparams, inputs, u)
+  n = prompt["tokens"].shape[0]
+  reps = rows // n
+  inputs, u = prompts.full_sequence(_concat(*[prompt] * reps),
+                                    dict(res, positions=np.concatenate([res["positions"]] * reps)))
+  return jax.tree.map(lambda a: a[:n], _forward()(params, vlm, vparams, inputs, u))
 
 
 def test_interleaved_incremental_equals_teacher_forcing(interleaved):
@@ -123,13 +132,16 @@ def test_interleaved_incremental_equals_teacher_forcing(interleaved):
   assert not np.isin(toks[:, pt.N + 1:SECOND], [SP.vision_end, SP.image_pad]).any()
 
 
+# threshold < 0 and max_iter = block - 1: Jacobi is exact (each iteration fixes one more latent)
+JAC = loop.GenerateConfig(specials=SP, max_new_tokens=M, max_images=2,
+                          jacobi=Jacobi(block_size=4, threshold=-1.0, max_iter=3))
+
+
 def test_jacobi_equals_sequential(interleaved):
   """Property 21 (a, c): threshold < 0 and max_iter = block - 1: every latent of both images and the
   text after them equal sequential decoding; the loop reports the iterations of every chunk."""
   prompt, seq = interleaved
-  jac = loop.GenerateConfig(specials=SP, max_new_tokens=M, max_images=2,
-                            jacobi=Jacobi(block_size=4, threshold=-1.0, max_iter=3))
-  res = _run(jac, prompt, _forced(len(LENS)))
+  res = _run(JAC, prompt, _forced(len(LENS)))
   assert tol(res["latents"][:, 0], seq["latents"][:, 0])
   # The second image is drawn after ~40 float32 steps of a random (expansive) model, which amplify
   # rounding differences between chunked and single-position matmuls (1e-7) along the chain.
@@ -137,6 +149,23 @@ def test_jacobi_equals_sequential(interleaved):
   np.testing.assert_array_equal(res["tokens"], seq["tokens"])
   np.testing.assert_array_equal(res["positions"], seq["positions"])
   np.testing.assert_array_equal(res["jacobi_iters"], np.full(2 * pt.N // 4, 3))
+
+
+def test_jacobi_rows_out_of_step_fall_back_to_sequential():
+  """The loop module's rule: Jacobi chunks only while every row is in image mode at the same
+  block-aligned cell. Row 0 starts in its image, row 1 two columns later (after a text token, then a
+  forced <|vision_start|>): the rows never align, no chunk runs, and the Jacobi generator gives
+  exactly the sequential result (the same compiled generators as above)."""
+  prompt = _prompt(LENS, SP.vision_start, seed=4)
+  prompt["tokens"][1, -1] = 7
+  forced = np.full((len(LENS), M), -1, np.int32)
+  forced[1, 0] = 9
+  forced[:, 1] = SP.vision_start
+  seq, jac = (_run(g, prompt, forced) for g in (GEN, JAC))
+  assert (jac["jacobi_iters"] == -1).all()
+  assert (seq["num_images"] >= 1).all() and seq["is_image"][0, 0] and not seq["is_image"][1, :2].any()
+  np.testing.assert_array_equal(jac["tokens"], seq["tokens"])
+  assert tol(jac["latents"], seq["latents"])
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +213,7 @@ def test_guided_halves_aligned(guided):
 def test_shallow_inversion_inverts_shallow_forward(x64):
   """Property 37 (c), an exact identity (float64): shallow inversion then the shallow forward returns u.
   (In float32 the random blocks' small scales amplify rounding to ~5e-5. The Jacobi inversion is the
-  flow core's `_invert_jacobi`, tested in test_flow_sampling and run by test_sample_starflow2.)"""
+  flow core's `invert_jacobi`, tested in test_flow_sampling and run by test_sample_starflow2.)"""
   cfg, model, _, params, _ = pt.build(param_dtype="float64", dtype="float64")
   params = pt.perturbed(params)
   u = jax.random.normal(jax.random.key(3), (3, pt.N, cfg.token_dim), jnp.float64)

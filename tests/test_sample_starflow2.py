@@ -1,18 +1,25 @@
 """`python -m launch.sample` for STARFlow2 checkpoints (issue 10): text-to-image, understanding and
-interleaved documents to PNGs, generation.json and a self-contained index.html; bad input."""
+interleaved documents to PNGs, generation.json and a self-contained index.html; generation on a mesh
+(Jacobi iteration counts equal on every device); training-time samples; bad input. One tiny checkpoint
+and its loaded Generator are shared by the module (one compiled guided Jacobi text-to-image generator
+serves three tests)."""
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from starflow2_jax import ckpt
+from starflow2_jax import ckpt, parallel
 from starflow2_jax.errors import UserError
 from starflow2_jax.generate import api, cli
+from starflow2_jax.train import loop as train_loop, pretzel_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -69,18 +76,27 @@ def test_flags_of_another_kind_are_an_error(tmp_path):
   assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
-def test_text_to_image_understanding_and_interleaved(tmp_path):
-  """A tiny STARFlow2 checkpoint (seeded random weights) sampled three ways through the command line."""
+T2I = dict(guidance=1.5, jacobi_block=4)  # one compiled guided Jacobi generator for three tests
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+  """A tiny STARFlow2 checkpoint (seeded random weights) loaded back on the config's mesh: every one
+  of the 8 test devices (data=8), the Pretzel and frozen params placed by the same rules."""
   config = _config()
-  gen = api.Generator.build(config)
-  ck = ckpt.save_params(str(tmp_path / "ck"), {"params": jax.device_get(gen.params)}, config)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  run = lambda *a: subprocess.run([sys.executable, "-m", "launch.sample", f"--checkpoint={ck}", *a],  # noqa
-                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  params = jax.device_get(api.Generator.build(config).params)
+  ck = ckpt.save_params(str(tmp_path_factory.mktemp("s2") / "ck"), {"params": params}, config)
+  return config, ck, api.Generator.from_checkpoint(ck)
+
+
+def test_text_to_image_understanding_and_interleaved(loaded, tmp_path):
+  """The command line's three modes (`cli.sample_to_dir`, what `launch.sample` runs) on a checkpoint
+  restored over all 8 devices: PNGs, generation.json, index.html; an existing --out is refused."""
+  _, ck, gen = loaded
+  assert gen.mesh.size == jax.device_count() == 8
+  run = lambda out, **kw: cli.sample_to_dir(ck, str(tmp_path / out), gen=gen, **kw)  # noqa: E731
+  run("t2i", kind="text_to_image", prompt="a red circle", num=2, **T2I)
   t2i = tmp_path / "t2i"
-  r = run("--prompt=a red circle", "--num=2", "--guidance=1.5", "--jacobi_block=4", f"--out={t2i}")
-  assert r.returncode == 0, r.stderr
   rec = json.loads((t2i / "generation.json").read_text())
   assert [row["images"] for row in rec["rows"]] == [["image_0_0.png"], ["image_1_0.png"]]
   assert rec["jacobi_iters"] and rec["settings"]["guidance"] == 1.5
@@ -91,17 +107,53 @@ def test_text_to_image_understanding_and_interleaved(tmp_path):
   assert page.count("data:image/png;base64,") == 2 and "a red circle" in page
   image = tmp_path / "in.png"
   Image.open(t2i / "image_0_0.png").save(image)
-  vqa = tmp_path / "vqa"
-  r = run(f"--image={image}", "--prompt=what is this?", "--max_new_tokens=6", f"--out={vqa}")
-  assert r.returncode == 0, r.stderr
-  rec = json.loads((vqa / "generation.json").read_text())
+  run("vqa", kind="understanding", prompt="what is this?", image=str(image), max_new_tokens=6)
+  rec = json.loads((tmp_path / "vqa" / "generation.json").read_text())
   assert rec["kind"] == "understanding" and rec["rows"][0]["images"] == []
   assert rec["rows"][0]["prompt_ids"].count(gen.cfg.specials.image_pad) == n
-  assert (vqa / "index.html").read_text().count("data:image/png;base64,") == 1  # the input image
-  doc = tmp_path / "doc"
-  r = run("--interleaved", "--prompt=draw", "--max_new_tokens=30", "--text_temperature=1", f"--out={doc}")
-  assert r.returncode == 0, r.stderr
-  rec = json.loads((doc / "generation.json").read_text())
-  assert len(rec["rows"][0]["generated_ids"]) <= 30
-  r = run("--prompt=again", f"--out={t2i}")
-  assert r.returncode == 2 and "exists" in r.stderr
+  assert (tmp_path / "vqa" / "index.html").read_text().count("data:image/png;base64,") == 1
+  run("doc", kind="interleaved", prompt="draw", max_new_tokens=8, denoise="none")
+  rec = json.loads((tmp_path / "doc" / "generation.json").read_text())
+  assert rec["kind"] == "interleaved" and len(rec["rows"][0]["generated_ids"]) <= 8
+  with pytest.raises(UserError, match="exists"):
+    run("t2i", kind="text_to_image", prompt="again")
+
+
+def test_jacobi_iterations_equal_on_every_device(loaded):
+  """Property 21 (d): 8 different captions, one per device of the data=8 mesh, give the Jacobi
+  iteration counts of the same request on one device (the convergence test is a mean over the whole
+  batch), and the same tokens and images."""
+  config, _, gen = loaded
+  mesh = parallel.make_mesh({"shape": {"data": 1}}, jax.devices()[:1])
+  one = jax.device_put((gen.params, gen.vlm_params, gen.fae_params), parallel.replicated(mesh))
+  one = dataclasses.replace(gen, params=one[0], vlm_params=one[1], fae_params=one[2], mesh=mesh)
+  captions = [f"a {c} {s}" for c in ("red", "blue") for s in ("circle", "square", "cross", "star")]
+  runs = [g.run("text_to_image", captions, seed=3, denoise="none", **T2I) for g in (gen, one)]
+  iters = [r["jacobi_iters"] for r in runs]
+  assert iters[0] == iters[1] and len(iters[0]) == gen.cfg.num_latents // T2I["jacobi_block"]
+  assert max(iters[0]) < api.sample_settings(config)["jacobi_max_iter"]  # the threshold decided
+  assert runs[0]["generated_ids"] == runs[1]["generated_ids"]
+  a, b = (np.stack([im[0] for im in r["images"]]) for r in runs)
+  assert np.max(np.abs(a - b)) <= 1e-5
+
+
+def test_training_samples(loaded, tmp_path):
+  """`Task.sample_fn` of model_kind starflow2 (`pretzel_task.build` with config.log.num_samples > 0
+  takes `api.training_sampler`): text-to-image samples of held-out captions, written by the training
+  loop's image writer."""
+  config, _, gen = loaded
+  config = config.copy_and_resolve_references()
+  config.log.num_samples = 2
+  config.sample = ml_collections.ConfigDict(dict(denoise="none", **T2I))
+  sample_fn = api.training_sampler(config, gen.model, gen.vlm, gen.fae,
+                                   pretzel_task.tokenizer_path(config.tokenizer), gen.mesh, gen.rules)
+  frozen = {"vlm": gen.vlm_params, "fae": gen.fae_params}
+  images = sample_fn(gen.params, frozen, jax.random.key(0), 2)
+  assert images.shape == (2, 32, 32, 3) and images.dtype == np.float32
+  assert np.all(np.abs(images) <= 1) and not np.allclose(images[0], images[1])
+  captions = api.held_out_captions(config, 2)
+  assert captions[0] != captions[1]
+  task = types.SimpleNamespace(sample_fn=sample_fn)  # write_samples reads only the task's sample_fn
+  path = train_loop.write_samples(task, gen.params, frozen, jax.random.key(0), 2,
+                                  str(tmp_path / "samples.png"), gen.mesh, gen.rules)
+  assert np.asarray(Image.open(path)).shape[2] == 3

@@ -145,8 +145,10 @@ class _BlockInverter:
     return self.guidance.combine(cond, uncond, w)
 
 
-def _invert_sequential(inv: _BlockInverter, zp):
-  """zp [B, T, D] block order -> x [B, T, D] block order, one token per step with the KV cache."""
+def invert_sequential(inv: _BlockInverter, zp):
+  """zp [B, T, D] block order -> x [B, T, D] block order, one token per step with the KV cache.
+  inv: any inverter with start / feed / combine / init_cache (`_BlockInverter`; generate.decode's
+  shallow blocks of STARFlow2)."""
   cache, theta0 = inv.start(inv.init_cache())
 
   def step(carry, inputs):
@@ -161,7 +163,7 @@ def _invert_sequential(inv: _BlockInverter, zp):
   return jnp.swapaxes(xs, 0, 1), None
 
 
-def _invert_jacobi(inv: _BlockInverter, zp, jac: Jacobi):
+def invert_jacobi(inv: _BlockInverter, zp, jac: Jacobi):
   """Chunked fixed-point inversion. Returns (x [B, T, D] block order, iterations [num_chunks])."""
   b, t, d = zp.shape
   bs = jac.block_size
@@ -227,9 +229,9 @@ def reverse(model: FlowModel, variables, z, labels=None, context=None, uncond_co
     perm = cfg.permutations[i]
     zp = permute(x, perm)
     if strategies[i] is None:
-      xp, _ = _invert_sequential(inv, zp)
+      xp, _ = invert_sequential(inv, zp)
     else:
-      xp, iters[i] = _invert_jacobi(inv, zp, strategies[i])
+      xp, iters[i] = invert_jacobi(inv, zp, strategies[i])
     x = permute(xp, perm)
   if all(s is None for s in strategies):
     return x, {}

@@ -72,15 +72,17 @@ def render_html(record: dict, pngs: dict, inputs: dict) -> str:
 
 
 def sample_to_dir(checkpoint: str, out: str, *, kind: str, prompt: str, num: int = 1,
-                  image: str | None = None, seed: int = 0, **overrides) -> dict:
+                  image: str | None = None, seed: int = 0, gen: Generator | None = None,
+                  **overrides) -> dict:
   """Run one request (`num` conversations of `prompt`; understanding: of the --image file) and write
-  OUT's files. overrides: `api.sample_settings` keys (None: the checkpoint's config.sample)."""
+  OUT's files. overrides: `api.sample_settings` keys (None: the checkpoint's config.sample). gen: the
+  checkpoint already loaded (`Generator.from_checkpoint(checkpoint)`, on every device of its mesh)."""
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(out):
     raise UserError(f"--out={out} exists; choose a new directory (samples never overwrite anything)")
   if num < 1:
     raise UserError(f"--num={num}: expected at least 1 conversation")
-  gen = Generator.from_checkpoint(checkpoint)
+  gen = gen or Generator.from_checkpoint(checkpoint)
   images = None
   if kind == "understanding":
     images = np.stack([read_image(image, gen.fae.image_size)] * num)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from starflow2_jax.flows.block import init_block_cache
 from starflow2_jax.flows.patchify import patchify, unpatchify
 from starflow2_jax.flows.permutations import permute
-from starflow2_jax.flows.sampling import Jacobi, _invert_jacobi, _invert_sequential
+from starflow2_jax.flows.sampling import Jacobi, invert_jacobi, invert_sequential
 from starflow2_jax.pretzel import model as pmodel
 from starflow2_jax.pretzel.model import Pretzel
 
@@ -58,9 +58,9 @@ def shallow_inverse(model: Pretzel, params, u: jax.Array, jacobi: Jacobi | None 
     inv = _ShallowInverter(model, params, k, x.shape[0])
     zp = permute(x, perms[k])
     if jacobi is None:
-      xp, _ = _invert_sequential(inv, zp)
+      xp, _ = invert_sequential(inv, zp)
     else:
-      xp, it = _invert_jacobi(inv, zp, jacobi)
+      xp, it = invert_jacobi(inv, zp, jacobi)
       iters.append(it)
     x = permute(xp, perms[k])
   return x, (jnp.stack(iters[::-1]) if iters else None)

@@ -18,11 +18,19 @@ same cache column), choosing per row with `where`:
 Finished rows feed masked pads. Generated latents u enter both caches directly; images are decoded
 outside the loop (`generate.images`).
 
-Jacobi (`GenerateConfig.jacobi`, flows.Jacobi): when every row is in image mode at the same cell n with
-n a multiple of the block size, the loop takes a whole chunk of block_size latents by the flow core's
-fixed-point rule (STARFLOW2.md 7.3: rewind both caches, re-run the chunk, delta a mean over the chunk
-and the whole batch, so every device iterates equally; exact caches re-written after convergence, or the
-reference's stale caches). Otherwise (rows out of step in interleaved batches) it steps sequentially.
+Jacobi (`GenerateConfig.jacobi`, flows.Jacobi): the loop takes a whole chunk of k = block_size latents
+by the flow core's fixed-point rule (STARFLOW2.md 7.3: rewind both caches, re-run the chunk, delta a
+mean over the chunk and the whole batch, so the decision is global and every device of a mesh iterates
+equally; exact caches re-written after convergence, or the reference's stale caches) at an iteration
+where, all together,
+  every row is unfinished and in image mode (no row in text, at its forced <|vision_end|> or done),
+  every row is at the same cell n of its image, n a multiple of k, and
+  the chunk fits: i + k <= M.
+At any other iteration every row steps one position sequentially, so rows out of step (interleaved
+batches whose rows request their images at different columns, or with a row already done) decode
+their image spans sequentially, with exactly the sequential result; the counts reported are those of
+the chunks taken (-1: unused). Text-to-image batches (every row starts in its image at cell 0) always
+chunk.
 
 Noise is per row, independent of the batch: eps of latent n of image k of row b is
 normal(fold_in(fold_in(fold_in(key_image, b), k), n)); text draws use fold_in(fold_in(key_text, b), i).

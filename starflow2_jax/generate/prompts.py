@@ -10,7 +10,8 @@ hold, so generation sees exactly the training tokenisation (system turn, headers
 The null prompt (guidance) is the same template with the user text replaced by the empty string (user
 images kept): the caption-dropout template of training.
 
-`batch(...)` -> the arrays `generate.loop.generate` takes (R rows, L the longest prompt):
+`batch(...)` -> the arrays `generate.loop.generate` takes (R rows, L the longest prompt, optionally
+rounded up to a bucket):
   tokens [R, L] int32, valid [R, L] bool (False: left pads), positions [R, L, 3] (vlm.positions; pads 0),
   is_image [R, L], image_slot / image_cell [R, L] (-1 at text), next_position [R],
   u [R, L, D] (the input images' latents at their positions; `with_input_latents`).
@@ -50,8 +51,10 @@ def prompt_tokens(builder: SequenceBuilder, kind: str, text: str, null: bool = F
 
 
 def batch(builder: SequenceBuilder, prompts: Sequence[np.ndarray], cache_len: int,
-          max_new_tokens: int) -> dict:
-  """Left-padded batch of prompts (each [n] ids) -> the module docstring's arrays (numpy).
+          max_new_tokens: int, bucket: int = 1) -> dict:
+  """Left-padded batch of prompts (each [n] ids) -> the module docstring's arrays (numpy), L the
+  longest prompt rounded up to a multiple of `bucket` (at most cache_len - max_new_tokens), so that
+  requests of similar lengths share one compiled generator (pads are masked keys).
   UserError when the longest prompt plus max_new_tokens does not fit cache_len positions."""
   ids = builder.ids
   longest = max(len(p) for p in prompts)
@@ -59,6 +62,7 @@ def batch(builder: SequenceBuilder, prompts: Sequence[np.ndarray], cache_len: in
     raise UserError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs "
                     f"{longest + max_new_tokens} cache positions, more than sample.cache_len={cache_len}"
                     ": shorten the prompt, lower max_new_tokens or raise sample.cache_len")
+  longest = min(-(-longest // bucket) * bucket, cache_len - max_new_tokens)
   r = len(prompts)
   tokens = np.full((r, longest), ids.pad, np.int32)
   valid = np.zeros((r, longest), bool)

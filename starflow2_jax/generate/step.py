@@ -11,6 +11,7 @@ Per position (the teacher-forced forward of `pretzel.model`, cached):
   outputs    logits = LMHead(y_vlm + W_D y_D) (float32) and the raw deep head proj_out(y_D) whose
              affine (soft clip, softplus) is the Gaussian of the NEXT latent.
 
+The deep stream is the model's own (`Pretzel.deep_cached`: `deep_forward` with its KV cache).
 `Caches` is the one cache pytree: the VLM stream's and the deep stream's `nn.KVCache` (same slots, same
 write index: pads are masked keys in both).
 """
@@ -44,21 +45,6 @@ class Caches:
     return Caches(vlm=self.vlm.rewind(index), deep=self.deep.rewind(index))
 
 
-def _deep_cached(m: Pretzel, u, y_vlm, tap_states, is_image, positions, valid, cache):
-  """The cached twin of `DeepStream.__call__` (+ taps), as a method of the bound Pretzel:
-  -> (y_D [R, T, d], raw head [R, T, 2D] flow dtype, new deep cache)."""
-  cfg, deep = m.cfg, m.deep
-  cdt = cfg.compute_dtype
-  adds = m.taps(tap_states) if cfg.skip_taps else {}
-  img = deep.proj_in(u.astype(cdt)) + m.w_vlm(y_vlm).astype(cdt)
-  txt = deep.p_txt(y_vlm.astype(cdt))
-  c = jnp.where(is_image[..., None], img, txt)
-  h, cache, _ = deep.transformer(c, angles=m.rope.angles(positions), valid=valid, cache=cache,
-                                 residual_adds=adds)
-  y = deep.final_norm(h)
-  return y, deep.proj_out(y), cache
-
-
 def joint_step(model: Pretzel, params, vlm: Qwen2_5_VL, vlm_params, caches: Caches, tokens, u,
                is_image, positions, valid, running):
   """T new positions per row.
@@ -80,7 +66,7 @@ def joint_step(model: Pretzel, params, vlm: Qwen2_5_VL, vlm_params, caches: Cach
   deep_pos = positions if cfg.deep_rope == "mrope" else running
   y_deep, raw, deep_cache = model.apply(
       variables, u, y_vlm, {i: states[i] for i, _ in cfg.skip_taps}, is_image, deep_pos, valid,
-      caches.deep, method=_deep_cached)
+      caches.deep, method=Pretzel.deep_cached)
   h = y_vlm + model.apply(variables, y_deep, method=Pretzel.text_skip).astype(y_vlm.dtype)
   logits = vlm.apply({"params": vlm_params}, h, method=Qwen2_5_VL.logits)
   return Caches(vlm=out["cache"], deep=deep_cache), logits, raw.astype(cfg.flow_dtype)

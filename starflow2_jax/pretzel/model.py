@@ -104,18 +104,22 @@ class DeepStream(nn.Module):
                               param_dtype=pdt, kernel_init=nn.initializers.zeros,
                               precision=jax.lax.Precision.HIGHEST)
 
-  def __call__(self, u_seq, y_vlm, image_skip, is_image, angles, segment_ids, residual_adds):
+  def __call__(self, u_seq, y_vlm, image_skip, is_image, angles, segment_ids, residual_adds,
+               valid=None, cache=None):
     """u_seq [B, L, D_tok], y_vlm [B, L, d_v], image_skip [B, L, d] (W_vlm y_vlm), is_image [B, L],
-    angles [B, L, head_dim/2], segment_ids [B, L], residual_adds {0-based layer: [B, L, d]}
-    -> (y_D [B, L, d] final-normed, flow dtype; raw head output [B, L, 2 D_tok] float32)."""
+    angles [B, L, head_dim/2], segment_ids [B, L] (None with a cache), residual_adds {0-based layer:
+    [B, L, d]}; generation: valid [B, L] (False: a masked pad) and cache (nn.KVCache: L new positions
+    after the cached ones)
+    -> (y_D [B, L, d] final-normed, flow dtype; raw head output [B, L, 2 D_tok] float32; the new cache
+    or None)."""
     cdt = self.cfg.compute_dtype
     img = self.proj_in(u_seq.astype(cdt)) + image_skip.astype(cdt)
     txt = self.p_txt(y_vlm.astype(cdt))
     c = jnp.where(is_image[..., None], img, txt)
-    h, _, _ = self.transformer(c, angles=angles, segment_ids=segment_ids,
-                               residual_adds=residual_adds)
+    h, cache, _ = self.transformer(c, angles=angles, segment_ids=segment_ids, valid=valid, cache=cache,
+                                   residual_adds=residual_adds)
     y = self.final_norm(h)
-    return y, self.proj_out(y)
+    return y, self.proj_out(y), cache
 
 
 class Taps(nn.Module):
@@ -166,8 +170,17 @@ class Pretzel(nn.Module):
     """-> (y_D [B, L, d], raw [B, L, 2 D_tok]); vlm_states {VLM layer i: [B, L, d_v]} for the taps."""
     adds = self.taps(vlm_states) if self.cfg.skip_taps else {}
     pos = positions if self.cfg.deep_rope == "mrope" else running_positions(segment_ids)
-    return self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(pos), segment_ids,
-                     adds)
+    y, raw, _ = self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(pos), segment_ids,
+                          adds)
+    return y, raw
+
+  def deep_cached(self, u_seq, y_vlm, vlm_states, is_image, positions, valid, cache):
+    """`deep_forward` on T new positions after a KV cache (generation): positions [B, T, 3] M-RoPE ids
+    (deep_rope "mrope") or [B, T] the 1-D running positions; valid [B, T]
+    -> (y_D [B, T, d], raw [B, T, 2 D_tok], the new cache)."""
+    adds = self.taps(vlm_states) if self.cfg.skip_taps else {}
+    return self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(positions), None, adds,
+                     valid=valid, cache=cache)
 
   def text_skip(self, y_deep):
     """W_D y_D [B, L, d_v]."""

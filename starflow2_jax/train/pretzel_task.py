@@ -19,7 +19,8 @@ in the STARFlow layout.
 Loss terms ({term: (sum, count)}; `pretzel.loss`): "nf" (L_NF + latent-norm regulariser, per flow-loss
 image), "latent_nll" (nats/dim), "ntp" (L_NTP, per supervised token); the stage's objective picks them
 (stage 1 nf, stage 2 ntp, stage 3 nf + loss.lambda_ntp * ntp). Held-out: latent_nll and text_ce.
-Parameter groups: `pretzel.stages.GROUPS`. No samples (generation is `starflow2_jax.generate`'s).
+Parameter groups: `pretzel.stages.GROUPS`. Samples (config.log.num_samples > 0): text-to-image from
+held-out captions by `starflow2_jax.generate` (`generate.api.training_sampler`).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from starflow2_jax.vlm.model import Qwen2_5_VL, abstract_params
 TOY_TOKENIZER = "toy"  # config.tokenizer: the ShapesWorld toy tokenizer, trained once into the cache
 VISION_TOWER = "visual"  # the Qwen vision tower's subtree: not on the STARFlow2 path (STARFLOW2.md 4.1)
 RANDOM_VECTOR_STD = 0.02  # random frozen stand-ins: vectors other than norms and biases (embeddings' std)
-_VLM_STREAM, _FAE_STREAM = 1, 2  # sub-streams of the random frozen stand-ins' seeds
+VLM_STREAM, FAE_STREAM = 1, 2  # sub-streams of the random frozen stand-ins' seeds
 
 
 def loss_defaults() -> ml_collections.ConfigDict:
@@ -184,8 +185,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
   tokenizer = tok_lib.load_tokenizer(tk_path)
   specials = special_tokens(tokenizer)
   seed = int(config.train.seed)
-  vlm, vlm_params, qcfg = frozen_vlm(config, mesh, rules, [seed, _VLM_STREAM])
-  fae, fae_params = frozen_fae(config, mesh, rules, [seed, _FAE_STREAM])
+  vlm, vlm_params, qcfg = frozen_vlm(config, mesh, rules, [seed, VLM_STREAM])
+  fae, fae_params = frozen_fae(config, mesh, rules, [seed, FAE_STREAM])
   _check_data(config, fae)
   cfg = pconfig.from_config(config, vlm=qcfg, latent_grid=fae.grid, latent_channels=fae.channels,
                             text_vocab=tokenizer.get_vocab_size(with_added_tokens=True),
@@ -219,8 +220,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
 
   transform = CheckedRows(PretzelTransform(spec, tk_path, int(config.train.seed)), cfg.num_latents,
                           cfg.stage1_vlm_prefix if stage.mode == "nf" else 0)
+  sample_fn = None
+  if int(config.log.num_samples) > 0:
+    from starflow2_jax.generate import api  # noqa: PLC0415 (generation imports this module)
+    sample_fn = api.training_sampler(config, model, vlm, fae, tk_path, mesh, rules)
   return Task(record_transform=transform, init_fn=init_fn, loss_fn=loss_fn,
               objective=stages.objective(config.stage, float(lossc.lambda_ntp)), eval_fn=eval_fn,
-              sample_fn=None, param_labels=stages.param_labels,
+              sample_fn=sample_fn, param_labels=stages.param_labels,
               headline="latent_nll" if stage.nf else "ntp", tokens_per_example=spec.max_len,
               frozen=frozen, frozen_shardings=jax.tree.map(lambda a: a.sharding, frozen))
