@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 
 from starflow2_jax import logging_utils
@@ -28,10 +27,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 class DemoGenerator:
   def __init__(self, checkpoint: str, chunk: int = 16, seed: int = 0):
-    self.gen = Generator.from_checkpoint(checkpoint)
-    # the generator places its frozen parts on one device; its restored params may span every device
-    device = min(jax.tree.leaves(self.gen.vlm_params)[0].devices(), key=lambda d: d.id)
-    self.gen.params = jax.device_put(self.gen.params, jax.sharding.SingleDeviceSharding(device))
+    self.gen = Generator.from_checkpoint(checkpoint)  # on the config's mesh: every local device
     self.chunk, self.seed = int(chunk), int(seed)
     self.image_size = self.gen.fae.image_size
 
