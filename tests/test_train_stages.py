@@ -119,10 +119,21 @@ def test_group_lr_of_a_frozen_group_is_an_error():
     optimizer.make_optimizer(cfg.train, _labels(tiny_config()))
 
 
+def _abstract_setup(cfg):
+  """(tx, the abstract TrainState, its shardings) of the tiny flow: shapes only, nothing compiled."""
+  mesh = parallel.make_mesh({"shape": {"data": 1}}, jax.devices()[:1])
+  rules = parallel.logical_rules(cfg)
+  init = _perturbed(tasks.build_task(cfg, mesh, rules).init_fn)
+  tx = optimizer.make_optimizer(cfg.train, _labels(cfg))
+  sh = state_lib.state_shardings(init, tx, jax.random.key(0), mesh, rules, False)
+  return tx, state_lib.abstract_state(init, tx, jax.random.key(0), sh), sh
+
+
 def test_warm_start_takes_same_shapes_and_initialises_new_parameters(tmp_path):
   src_cfg = tiny_config()
-  _, _, _, _, _, src_state, _ = _setup(src_cfg)
-  src = jax.tree.map(lambda x: np.asarray(x) + 1.0, src_state.params)  # distinct from any init
+  _, abstract, _ = _abstract_setup(src_cfg)
+  rng = np.random.default_rng(0)  # stored parameters distinct from any init
+  src = jax.tree.map(lambda x: (1.0 + rng.normal(size=x.shape)).astype(x.dtype), abstract.params)
   ckpt.save_params(str(tmp_path / "stage1"), {"params": src}, src_cfg)
   cfg = tiny_config(**{"model.layers_per_block": [1, 1, 1]})  # stage 2 adds a block
   _, _, _, _, tx, state, sh = _setup(cfg)
@@ -136,8 +147,7 @@ def test_warm_start_takes_same_shapes_and_initialises_new_parameters(tmp_path):
   assert report["new"] and all(n.startswith("['blocks_2']") for n in report["new"])
   assert len(report["taken"]) == len(jax.tree.leaves(src)) and not report["unused"]
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(warm.opt_state))  # fresh moments
-  wide = tiny_config(**{"model.width": 64})
-  _, _, _, _, tx, state, sh = _setup(wide)
+  tx, state, sh = _abstract_setup(tiny_config(**{"model.width": 64}))  # shapes suffice: fails first
   with pytest.raises(UserError, match=r"\['blocks_0'\]\['class_embed'\]: this model \(10, 64\), .*stage1 "
                                       r"\(10, 32\)"):
     warm_start.apply(state, sh, tx, str(tmp_path / "stage1"))

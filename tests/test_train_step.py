@@ -32,8 +32,14 @@ def _perturbed(init_fn):
   return init
 
 
+_SOURCES = {}  # the digits train split per (image_size, channels): built once, not per batch
+
+
 def _batch(cfg, n, offset=0):
-  src = pipeline.build_source(cfg.data, "train")
+  key = (cfg.data.name, cfg.data.image_size, cfg.data.channels)
+  if key not in _SOURCES:
+    _SOURCES[key] = pipeline.build_source(cfg.data, "train")
+  src = _SOURCES[key]
   return {"image": np.stack([src[i]["image"] for i in range(offset, offset + n)]),
           "label": np.asarray([src[i]["label"] for i in range(offset, offset + n)], np.int32)}
 
