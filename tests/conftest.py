@@ -1,11 +1,25 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 fake CPU devices and a compilation cache for the session, set before jax is imported
+anywhere."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # 8 fake CPU devices; LLVM optimisation level 0 compiles the many tiny test programs ~3x faster.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") +
     " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session (and the subprocesses it starts, which inherit the
+# environment): tests rebuild the same programs (a train step per train_and_evaluate call, a fixture's
+# jitted function in a fresh closure), and XLA compiles each distinct program once. Removed at exit;
+# a cache the caller set is used as is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="jax_test_cache_")
+  atexit.register(shutil.rmtree, _cache, True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import contextlib  # noqa: E402
 

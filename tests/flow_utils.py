@@ -31,8 +31,24 @@ def randomize_heads(variables, scale=0.3, seed=0):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+_BUILT = {}  # (build's arguments, x64 mode) -> its result: each model is initialised once per session
+
+
 def build(cfg, batch=2, seed=0, head_scale=None, context_len=3):
-  """-> (model, variables, x [B,T,D], labels or None, context or None)."""
+  """-> (model, variables, x [B,T,D], labels or None, context or None). Built (traced, compiled) once per
+  arguments; every call gets its own dict containers (a test may edit them), the arrays are immutable."""
+  key = (cfg, batch, seed, head_scale, context_len, bool(jax.config.jax_enable_x64))
+  try:
+    hash(key)
+  except TypeError:  # a config with an unhashable field: built afresh
+    return _build(cfg, batch, seed, head_scale, context_len)
+  if key not in _BUILT:
+    _BUILT[key] = _build(cfg, batch, seed, head_scale, context_len)
+  model, variables, x, labels, context = _BUILT[key]
+  return model, jax.tree.map(lambda a: a, variables), x, labels, context
+
+
+def _build(cfg, batch, seed, head_scale, context_len):
   model = flows.FlowModel(cfg)
   fdt = cfg.flow_dtype
   k = jax.random.split(jax.random.key(seed), 4)
@@ -56,13 +72,28 @@ def np64(x):
   return np.asarray(x, np.float64)
 
 
+_JITTED = {}  # (kind, id(model), kw) -> (model, jitted fn): one trace per model shared by the tests
+
+
+def _shared(kind, model, kw, make):
+  try:
+    key = (kind, id(model), tuple(sorted(kw.items())))
+    hash(key)
+  except TypeError:  # an unhashable option: a function of its own
+    return make()
+  if key not in _JITTED:
+    _JITTED[key] = (model, make())  # holding the model keeps its id unique
+  return _JITTED[key][1]
+
+
 def reverse_fn(model, **kw):
   """Jitted flows.reverse(model, variables, z, labels, context, uncond_context, **kw)."""
-  return jax.jit(lambda v, z, l=None, c=None, uc=None: flows.reverse(model, v, z, l, c, uc, **kw))
+  return _shared("reverse", model, kw, lambda: jax.jit(
+      lambda v, z, l=None, c=None, uc=None: flows.reverse(model, v, z, l, c, uc, **kw)))
 
 
 def forward_fn(model):
-  return jax.jit(lambda v, x, l=None, c=None: model.apply(v, x, l, c))
+  return _shared("forward", model, {}, lambda: jax.jit(lambda v, x, l=None, c=None: model.apply(v, x, l, c)))
 
 
 def assert_close_to_scale(a, b, tol=1e-5):

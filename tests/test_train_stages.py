@@ -17,6 +17,13 @@ from train_runner import tiny_config
 DECAY = 0.5  # a weight decay large enough to move any parameter it touches
 
 
+def _labels(cfg):
+  """The tiny flow's parameter groups, from abstract shapes (nothing compiled)."""
+  mesh = parallel.make_mesh({"shape": {"data": 1}}, jax.devices()[:1])
+  task = tasks.build_task(cfg, mesh, parallel.logical_rules(cfg))
+  return task.param_labels(nn.unbox(jax.eval_shape(task.init_fn, jax.random.key(0))))
+
+
 def _setup(cfg, devices=1):
   mesh = parallel.make_mesh({"shape": {"data": devices}}, jax.devices()[:devices])
   rules = parallel.logical_rules(cfg)
@@ -45,20 +52,30 @@ def _steps(cfg, n=3):
       state.opt_state, labels
 
 
+_RUNS = {}  # (n, overrides) -> _steps: tests that need the same run share it (one set of compiles)
+
+
+def _steps_of(n, **overrides):
+  key = (n, repr(sorted(overrides.items())))
+  if key not in _RUNS:
+    _RUNS[key] = _steps(tiny_config(**overrides), n)
+  return _RUNS[key]
+
+
 def _paths(tree):
   return [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def test_flow_groups_are_the_blocks():
-  _, _, _, labels, _, _, _ = _setup(tiny_config())
+  labels = _labels(tiny_config())
   assert sorted(set(jax.tree.leaves(labels))) == ["blocks_0", "blocks_1"]
   for path, group in zip(_paths(labels), jax.tree.leaves(labels)):
     assert path.startswith(f"['{group}']")
 
 
 def test_frozen_group_is_bit_identical_without_gradient_state_or_decay():
-  cfg = tiny_config(**{"train.trainable": ["blocks_1"], "train.weight_decay": DECAY})
-  before, after, grads, opt_state, _ = _steps(cfg)
+  before, after, grads, opt_state, _ = _steps_of(3, **{"train.trainable": ["blocks_1"],
+                                                       "train.weight_decay": DECAY})
   for name in ("blocks_0", "blocks_1"):
     frozen = name == "blocks_0"
     for (path, a), b, g in zip(jax.tree_util.tree_flatten_with_path(before[name])[0],
@@ -68,15 +85,16 @@ def test_frozen_group_is_bit_identical_without_gradient_state_or_decay():
   state_paths = [p for p, x in zip(_paths(opt_state), jax.tree.leaves(opt_state)) if x.ndim]
   assert state_paths and all("blocks_1" in p for p in state_paths), state_paths  # no blocks_0 moments
   # without the stage mask the same settings move blocks_0 (so the test above can fail)
-  before, after, _, _, _ = _steps(tiny_config(**{"train.weight_decay": DECAY}), n=1)
+  before, after, _, _, _ = _steps_of(1, **{"train.weight_decay": DECAY})
   assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["blocks_0"]),
                                                         jax.tree.leaves(after["blocks_0"])))
 
 
 def test_group_learning_rate_multiplier_scales_the_update():
-  before, p1, _, _, _ = _steps(tiny_config(), n=1)  # AdamW's first update: about lr per parameter
-  cfg = tiny_config(**{"train.group_lr": {"blocks_1": 2.0}})
-  _, p2, _, _, _ = _steps(cfg, n=1)
+  """AdamW's first update (about lr per parameter, plus lr x decay x parameter: both scale with lr),
+  against the decayed run of the test above."""
+  before, p1, _, _, _ = _steps_of(1, **{"train.weight_decay": DECAY})
+  _, p2, _, _, _ = _steps_of(1, **{"train.weight_decay": DECAY, "train.group_lr": {"blocks_1": 2.0}})
   for a, b, c in zip(jax.tree.leaves(before["blocks_1"]), jax.tree.leaves(p1["blocks_1"]),
                      jax.tree.leaves(p2["blocks_1"])):
     np.testing.assert_allclose(c - a, 2.0 * (b - a), rtol=1e-3, atol=1e-6)
@@ -97,15 +115,25 @@ def test_unknown_groups_are_user_errors_listing_the_groups(field, value, match, 
 
 def test_group_lr_of_a_frozen_group_is_an_error():
   cfg = tiny_config(**{"train.trainable": ["blocks_0"], "train.group_lr": {"blocks_1": 0.1}})
-  _, _, _, labels, _, _, _ = _setup(tiny_config())
   with pytest.raises(UserError, match=r"sets \['blocks_1'\], which train.trainable"):
-    optimizer.make_optimizer(cfg.train, labels)
+    optimizer.make_optimizer(cfg.train, _labels(tiny_config()))
+
+
+def _abstract_setup(cfg):
+  """(tx, the abstract TrainState, its shardings) of the tiny flow: shapes only, nothing compiled."""
+  mesh = parallel.make_mesh({"shape": {"data": 1}}, jax.devices()[:1])
+  rules = parallel.logical_rules(cfg)
+  init = _perturbed(tasks.build_task(cfg, mesh, rules).init_fn)
+  tx = optimizer.make_optimizer(cfg.train, _labels(cfg))
+  sh = state_lib.state_shardings(init, tx, jax.random.key(0), mesh, rules, False)
+  return tx, state_lib.abstract_state(init, tx, jax.random.key(0), sh), sh
 
 
 def test_warm_start_takes_same_shapes_and_initialises_new_parameters(tmp_path):
   src_cfg = tiny_config()
-  _, _, _, _, _, src_state, _ = _setup(src_cfg)
-  src = jax.tree.map(lambda x: np.asarray(x) + 1.0, src_state.params)  # distinct from any init
+  _, abstract, _ = _abstract_setup(src_cfg)
+  rng = np.random.default_rng(0)  # stored parameters distinct from any init
+  src = jax.tree.map(lambda x: (1.0 + rng.normal(size=x.shape)).astype(x.dtype), abstract.params)
   ckpt.save_params(str(tmp_path / "stage1"), {"params": src}, src_cfg)
   cfg = tiny_config(**{"model.layers_per_block": [1, 1, 1]})  # stage 2 adds a block
   _, _, _, _, tx, state, sh = _setup(cfg)
@@ -119,8 +147,7 @@ def test_warm_start_takes_same_shapes_and_initialises_new_parameters(tmp_path):
   assert report["new"] and all(n.startswith("['blocks_2']") for n in report["new"])
   assert len(report["taken"]) == len(jax.tree.leaves(src)) and not report["unused"]
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(warm.opt_state))  # fresh moments
-  wide = tiny_config(**{"model.width": 64})
-  _, _, _, _, tx, state, sh = _setup(wide)
+  tx, state, sh = _abstract_setup(tiny_config(**{"model.width": 64}))  # shapes suffice: fails first
   with pytest.raises(UserError, match=r"\['blocks_0'\]\['class_embed'\]: this model \(10, 64\), .*stage1 "
                                       r"\(10, 32\)"):
     warm_start.apply(state, sh, tx, str(tmp_path / "stage1"))
@@ -128,15 +155,18 @@ def test_warm_start_takes_same_shapes_and_initialises_new_parameters(tmp_path):
 
 def test_init_from_a_workdir_on_a_fresh_start_only(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
-  loop.train_and_evaluate(tiny_config(**{"train.steps": 2}), str(a))
-  assert warm_start.resolve(str(a)) == ("params", str(a / "params_0000002"))
-  assert warm_start.resolve(str(a / "checkpoints" / "2")) == ("train", str(a / "checkpoints" / "2"))
-  frozen_lr = {"train.lr": 0.0, "train.init_lr": 0.0, "train.min_lr": 0.0, "train.steps": 1,
-               "train.seed": 5}
+  # lr 0 in both runs: b's parameters are exactly the warm ones; a's differ from b's own init (seed 5)
+  # in every randomly initialised leaf. One config but the seed (an argument, not a constant, of the
+  # compiled programs): run b reuses run a's compilations.
+  frozen_lr = {"train.lr": 0.0, "train.init_lr": 0.0, "train.min_lr": 0.0, "train.steps": 1}
+  loop.train_and_evaluate(tiny_config(**frozen_lr), str(a))
+  assert warm_start.resolve(str(a)) == ("params", str(a / "params_0000001"))
+  assert warm_start.resolve(str(a / "checkpoints" / "1")) == ("train", str(a / "checkpoints" / "1"))
+  frozen_lr["train.seed"] = 5
   loop.train_and_evaluate(tiny_config(init_from=str(a), **frozen_lr), str(b))
-  want = ckpt.load_params(str(a / "params_0000002"))
+  want = ckpt.load_params(str(a / "params_0000001"))
   got = ckpt.load_params(str(b / "params_0000001"))
-  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):  # lr 0: exactly the warm parameters
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     assert np.array_equal(np.asarray(x), np.asarray(y))
   again = loop.train_and_evaluate(tiny_config(init_from=str(tmp_path / "nowhere"), **frozen_lr), str(b))
   assert again["step"] == 1  # resumed from its own checkpoint: init_from ignored
