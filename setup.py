@@ -41,7 +41,7 @@ setup(
     extras_require={
         "convert": convert,
         "tokenizer": tokenizer,
-        "test": ["pytest>=8", "pytest-timeout"] + convert + tokenizer + fid_reference,
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist==3.8.0"] + convert + tokenizer + fid_reference,
         # libtpu (0.0.42.* with jax 0.10.2; 0.0.51 works too): TPU VMs, and ahead-of-time compilation for
         # named TPU slices on any machine (launch.compile); quiet on machines without TPU chips
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],

@@ -14,10 +14,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # environment): tests rebuild the same programs (a train step per train_and_evaluate call, a fixture's
 # jitted function in a fresh closure), and XLA compiles each distinct program once. Removed at exit;
 # a cache the caller set is used as is.
+# Under pytest-xdist every worker keeps its own subfolder of the controller's cache (no two processes
+# writing one entry at once).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="jax_test_cache_")
   atexit.register(shutil.rmtree, _cache, True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
+                                                         os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -31,6 +36,15 @@ import torchvision_cpu  # noqa: E402
 torchvision_cpu.install()  # before anything imports transformers (which imports torchvision)
 
 pytest_plugins = ("parity_guard",)  # a parity test skipped for want of torch & co. is listed; CI fails
+
+
+# `-n auto` (pytest.ini): one test process per core, at most MAX_WORKERS (each holds its own compiled
+# programs and 8 fake devices: a few GiB of host memory).
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+  return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
 @contextlib.contextmanager
