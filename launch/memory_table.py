@@ -2,12 +2,14 @@
 time by `launch.compile` (one subprocess per pair), collected into one Markdown table.
 
   python -m launch.memory_table --out=docs/memory_table.md \
-      [--configs=tarflow_imagenet64,starflow_3b,starflow2_qwen7b:stage3] \
-      [--topologies=v5p-64,v5e-256,v4-128,v6e-64] [--cache=/tmp/memory_table] [--timeout=3600]
+      [--configs=starflow2_qwen7b:stage=3,tarflow_imagenet64,starflow_3b] \
+      [--topologies=v5p-64,v5e-256,v4-128,v6e-64] [--cache=/tmp/memory_table] [--timeout=3600] \
+      [--nocompile]
 
 A config is `configs/<name>.py`, optionally with its `get_config` argument after a colon. Each pair's
 report is kept as JSON in --cache, so an interrupted table resumes where it stopped (delete the cache
-to recompute). Needs libtpu (`pip install -e '.[tpu]'`); big configs take minutes and many GiB of host
+to recompute); --nocompile writes the table from the cache alone, a pair not compiled yet marked so.
+Needs libtpu (`pip install -e '.[tpu]'`); big configs take minutes and many GiB of host
 memory per compile. Columns: fits, per-chip memory against HBM, compiled / analytical FLOPs, and the
 step time and examples/s at 50% of the chip's peak (arithmetic from the compiled FLOPs, not a
 measurement).
@@ -22,13 +24,15 @@ from absl import flags
 from starflow2_jax import entry
 from starflow2_jax.errors import UserError
 
-DEFAULT_CONFIGS = ("tarflow_imagenet64", "starflow_3b")
+DEFAULT_CONFIGS = ("starflow2_qwen7b:stage=1", "starflow2_qwen7b:stage=2", "starflow2_qwen7b:stage=3",
+                   "tarflow_imagenet64", "starflow_3b")
 DEFAULT_TOPOLOGIES = ("v5p-64", "v5e-256", "v4-128", "v6e-64")
 _OUT = flags.DEFINE_string("out", None, "the Markdown table (never overwritten)")
 _CONFIGS = flags.DEFINE_list("configs", list(DEFAULT_CONFIGS), "configs/<name>.py[:arg] to compile")
 _TOPOLOGIES = flags.DEFINE_list("topologies", list(DEFAULT_TOPOLOGIES), "TPU slices")
 _CACHE = flags.DEFINE_string("cache", "/tmp/memory_table", "per-pair JSON reports (resumable)")
 _TIMEOUT = flags.DEFINE_integer("timeout", 3600, "seconds per compile")
+_COMPILE = flags.DEFINE_bool("compile", True, "compile the pairs missing from --cache (false: mark them)")
 flags.mark_flags_as_required(["out"])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2 ** 30
@@ -46,14 +50,21 @@ def _config_path(spec: str) -> str:
   return path + (f":{arg}" if arg else "")
 
 
-def compile_pair(config: str, topology: str, cache: str, timeout: int) -> dict:
-  """The JSON report of one pair (from the cache, or a `launch.compile` subprocess)."""
+NOT_COMPILED = "not compiled yet"
+
+
+def compile_pair(config: str, topology: str, cache: str, timeout: int,
+                 compile_missing: bool = True) -> dict:
+  """The JSON report of one pair (from the cache, or a `launch.compile` subprocess; with
+  compile_missing False, a pair missing from the cache is {"missing": ...})."""
   path = os.path.join(cache, f"{config.replace(':', '_')}@{topology}.json")
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
+  if not compile_missing:
+    return {"missing": NOT_COMPILED}
   cmd = [sys.executable, "-m", "launch.compile", f"--config={_config_path(config)}",
-         f"--topology={topology}", f"--json={path}"]
+         f"--topology={topology}", f"--json={path}", "--nogeneration"]
   print("$", " ".join(cmd), flush=True)
   try:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -68,6 +79,8 @@ def compile_pair(config: str, topology: str, cache: str, timeout: int) -> dict:
 
 
 def row(config: str, topology: str, r: dict) -> str:
+  if "missing" in r:
+    return f"| {config} | {topology} | | | {r['missing']} | | | | |"
   if "error" in r:
     return f"| {config} | {topology} | | | error: {r['error']} | | | | |"
   mesh = r["mesh"]
@@ -89,7 +102,7 @@ def main(argv):
   for c in _CONFIGS.value:
     _config_path(c)
   os.makedirs(_CACHE.value, exist_ok=True)
-  rows = [row(c, t, compile_pair(c, t, _CACHE.value, _TIMEOUT.value))
+  rows = [row(c, t, compile_pair(c, t, _CACHE.value, _TIMEOUT.value, _COMPILE.value))
           for c in _CONFIGS.value for t in _TOPOLOGIES.value]
   table = HEADER + "\n" + "\n".join(rows) + "\n"
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from starflow2_jax.errors import UserError
-from starflow2_jax.scale import abstract, hlo_flops, model_flops, report, saved, topology
+from starflow2_jax.scale import abstract, generation, hlo_flops, model_flops, report, saved, topology
 from starflow2_jax.train import state as state_lib
 from train_runner import tiny_config
 
@@ -193,6 +193,54 @@ def test_saved_step_runs_and_refuses_another_run(cpu_report, tmp_path):
   assert float(got["loss"]) == float(want["loss"]) and np.isfinite(float(got["loss"]))
 
 
+# --- the STARFlow2 generation step ----------------------------------------------------------------
+
+def _starflow2_tiny(**overrides):
+  from configs import starflow2_tiny
+  config = starflow2_tiny.get_config("stage=3")
+  config.mesh.shape = {"data": 2, "fsdp": 2, "tensor": 2}
+  for key, value in overrides.items():
+    parent, _, field = key.rpartition(".")
+    config[parent][field] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def gen_report():
+  return generation.compile_report(_starflow2_tiny(), "cpu:8", "starflow2_tiny")
+
+
+def test_generation_step_caches_are_sharded_by_the_rules(gen_report):
+  r = gen_report
+  plan = r.plan
+  assert (r.conversations, r.rows, r.cache_len) == (4, 4, 96)  # one per data x fsdp shard, unguided
+  caches = plan.args[generation.ARG_NAMES.index("caches")]
+  rows_axes = ("data", "fsdp")  # cache_batch; KV heads over tensor (parallel.DEFAULT_LOGICAL_RULES)
+  for cache in (caches.vlm, caches.deep):
+    assert cache.k.shape[1:3] == (4, 96)
+    assert cache.k.sharding.spec == P(None, rows_axes, None, "tensor", None)
+    assert cache.valid.sharding.spec == P(rows_axes, None)
+  assert plan.args[generation.ARG_NAMES.index("tokens")].sharding.spec == P(rows_axes, None)
+  assert r.memory["aliased"] > 0  # the donated caches are written in place
+
+
+def test_generation_step_flops_per_token_and_image(gen_report):
+  r = gen_report
+  # one position per row: the compiled matmuls are the analytical 2ND + attention over the cache
+  assert 0.95 < r.flop_ratio < 1.1, r.flop_ratio
+  assert r.flops_per_token == r.compiled_flops / 4
+  assert r.flops_per_image == r.flops_per_token * (r.num_latents + 1)
+  text = generation.format_report(r)
+  assert "per generated token" in text and "fit unknown" in text
+
+
+def test_generation_plan_guidance_rows_and_kind_check():
+  plan = generation.build(_starflow2_tiny(**{"sample.guidance": 2.0}), jax.devices()[:8], "cpu", 2)
+  assert (plan.conversations, plan.rows) == (2, 4)  # [cond; uncond]
+  with pytest.raises(UserError, match="model_kind='flow'"):
+    generation.build(_small(), jax.devices()[:8], "cpu")
+
+
 # --- TPU topologies (libtpu) -----------------------------------------------------------------------
 
 @needs_libtpu
@@ -214,6 +262,17 @@ def test_tpu_report_of_a_small_flow():
   assert r.plan.config.model.attention_impl == "xla"
   assert 0.9 < r.flop_ratio < 1.25 and not r.unknown_loops
   assert r.step_seconds(0.5) == pytest.approx(2 * r.step_seconds(1.0))
+
+
+@needs_libtpu
+def test_tpu_generation_step_of_the_tiny_starflow2():
+  """128 conversations: with a few rows per chip the TPU compiler rewrites the tiny matrix-vector
+  products as element-wise reductions, which are not matmuls to the counter (ratio ~0.2 at 2 rows)."""
+  config = _starflow2_tiny(**{"mesh.shape": {"data": 1, "fsdp": 2, "tensor": 2}})
+  r = generation.compile_report(config, "v5e-4", conversations=128)
+  assert r.device_kind == "TPU v5 lite" and r.fits is True and r.rows == 128
+  assert 0.85 < r.flop_ratio < 1.1, r.flop_ratio
+  assert r.images_per_second(1.0) == pytest.approx(2 * r.images_per_second(0.5))
 
 
 _LIST_DEVICES = "import jax; jax.devices()"
