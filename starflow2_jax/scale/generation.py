@@ -23,11 +23,11 @@ over data x fsdp, KV heads over tensor; the step inputs' rows as the cache batch
 FLOPs. `compiled`: the matmuls of the lowered step (`scale.hlo_flops` on the unoptimized global HLO,
 scanned layers times their trip counts). Not the optimized program's: with a few rows per chip, XLA's
 TPU passes rewrite the matrix-vector products as element-wise reductions, which are no matmuls to the
-counter (2% of the paper config's step at one row per chip); those still counted as matmuls there are
-`mxu`. `analytical`: 2 N R for the kernels that run
-per position (the VLM language model with its LM head, the adapter, the deep stream, the skips; the
-shallow blocks only run when the generated latents are inverted, outside the loop) plus attention
-4 S (VLM heads x head_dim x layers + deep width x layers) R over the full cache (dense, as compiled).
+counter (2% of the paper config's step at one row per chip); the part still matmuls there is `mxu`.
+`analytical`: 2 N R for the kernels that run per position (the VLM language model with its LM head,
+the adapter, the deep stream, the skips; the shallow blocks only run when the generated latents are
+inverted, outside the loop) plus attention 4 S (VLM heads x head_dim x layers + deep width x layers) R
+over the full cache (dense, as compiled).
 Per generated token and conversation: step / B; per image: (N + 1) steps / B (its N latents and the
 forced <|vision_end|>; the prompt's prefill and the decoding of the latents are not included).
 Time (arithmetic, not a measurement): a step takes at least the larger of its compiled FLOPs per chip
@@ -161,7 +161,7 @@ class GenerationReport:
   cache_len: int
   num_latents: int
   hbm_bytes: int | None
-  memory: dict[str, int] | None  # per chip (report._memory)
+  memory: dict[str, int] | None  # per chip (report.memory_of)
   fits: bool | None
   compiled_flops: float | None  # one decode step, all chips (the lowered program's matmuls)
   mxu_flops: float | None  # the part still matmuls in the optimized program (None: not printable)
@@ -246,7 +246,7 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
     try:
       mxu = hlo_flops.count(compiled.as_text()).flops * n
     except Exception:  # JaxRuntimeError: libtpu cannot print some programs back (report.count_flops)
-      mxu = None
+      pass  # the optimized count stays unknown
   program = hlo_flops.count(lowered.compiler_ir(dialect="hlo").as_hlo_text()).flops
   hbm = hbm_bytes or topo.hbm_bytes
   fits = False if memory is None else (memory["total"] <= hbm if hbm else None)
