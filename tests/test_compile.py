@@ -1,5 +1,6 @@
 """Ahead-of-time compilation (issue 12): topology names, FLOPs with loop trip counts, the memory and
-FLOP report, the not-fit message, and a saved step that `launch.train` runs.
+FLOP report, the not-fit message, a saved step that `launch.train` runs, and the STARFlow2 generation
+step (decode with both KV caches sharded by the rules; FLOPs per token and image).
 
 The CPU tests compile for the 8 fake CPU devices of conftest.py. The TPU tests compile for named TPU
 topologies with libtpu and are skipped when libtpu is not installed; CI exercises them in a job that
