@@ -230,6 +230,6 @@ def format_report(r: Report) -> str:
                  f"step takes {r.step_seconds(1.0):.4g} s ({r.examples_per_second(1.0):,.1f} examples/s); at "
                  f"{UTILISATION:.0%} of peak {r.step_seconds(UTILISATION):.4g} s "
                  f"({r.examples_per_second(UTILISATION):,.1f} examples/s)")
-  if r.xla_optimal_seconds:
+  if r.xla_optimal_seconds and r.xla_optimal_seconds > 0:  # libtpu gives negative ones for some programs
     lines.append(f"  XLA's own time estimate: {r.xla_optimal_seconds:.4g} s per step (loop bodies once)")
   return "\n".join(lines)
