@@ -12,7 +12,11 @@ Prints per-chip memory (arguments, outputs, temporaries, total against HBM), whe
 largest buffers when not), compiled and analytical FLOPs per step and their ratio, and the step time
 and examples/s at the chip's peak and at 50% of it (arithmetic, not a measurement).
 --save=FILE writes the compiled step; `launch.train --compiled_step=FILE` on that slice runs it.
-Exit status 0 when the step fits (or the fit is unknown), 3 when it does not.
+STARFlow2 configs (model_kind starflow2) also compile their generation step (`scale.generation`: one
+decode step of both streams with the VLM and deep KV caches, --gen_batch conversations) and print its
+per-chip memory and FLOPs per generated token and image; --nogeneration skips it, --notrain compiles
+the generation step alone.
+Exit status 0 when the steps fit (or the fit is unknown), 3 when one does not.
 """
 import json
 import os
@@ -30,6 +34,10 @@ _SAVE = flags.DEFINE_string("save", None, "write the compiled train step here (n
 _JSON = flags.DEFINE_string("json", None, "write the report as JSON here (never overwritten)")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "per-chip memory (GiB) to check the step against; 0: the "
                               "chip's HBM (train.mfu's table; none for a CPU)")
+_GENERATION = flags.DEFINE_bool("generation", True, "also compile the generation step (STARFlow2 configs)")
+_TRAIN = flags.DEFINE_bool("train", True, "compile the train step (false: the generation step alone)")
+_GEN_BATCH = flags.DEFINE_integer("gen_batch", 0, "conversations of the generation step; 0: one per "
+                                  "data x fsdp shard of the mesh")
 flags.mark_flags_as_required(["config", "topology"])
 NO_FIT_EXIT = 3  # exit status when the step does not fit the chip's HBM
 
@@ -40,23 +48,39 @@ def main(argv):
   for path in (_SAVE.value, _JSON.value):
     if path and os.path.exists(path):
       raise UserError(f"{path} exists; choose a new file name (outputs are never overwritten)")
-  from starflow2_jax.scale import report, saved
+  from starflow2_jax.scale import generation, report, saved
   config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
   if _HBM_GIB.value < 0:
     raise UserError(f"--hbm_gib={_HBM_GIB.value}: expected a positive size in GiB, or 0 for the chip's HBM")
-  rep = report.compile_report(_CONFIG.value, _TOPOLOGY.value, config_name,
-                              int(_HBM_GIB.value * report.GIB) or None)
-  print(report.format_report(rep))
+  starflow2 = _CONFIG.value.get("model_kind") == generation.MODEL_KIND
+  if not _TRAIN.value and not (starflow2 and _GENERATION.value):
+    raise UserError("--notrain compiles the generation step alone: it needs a STARFlow2 config "
+                    f"(model_kind {generation.MODEL_KIND!r}, found {_CONFIG.value.get('model_kind')!r}) "
+                    "and --generation")
+  if _SAVE.value and not _TRAIN.value:
+    raise UserError(f"--save={_SAVE.value} writes the compiled train step: drop --notrain")
+  rep, out = None, {}
+  if _TRAIN.value:
+    rep = report.compile_report(_CONFIG.value, _TOPOLOGY.value, config_name,
+                                int(_HBM_GIB.value * report.GIB) or None)
+    print(report.format_report(rep))
+    out = rep.to_json()
+  gen = None
+  if _GENERATION.value and starflow2:
+    gen = generation.compile_report(_CONFIG.value, _TOPOLOGY.value, config_name, _GEN_BATCH.value,
+                                    int(_HBM_GIB.value * report.GIB) or None)
+    print(generation.format_report(gen))
+    out["generation"] = gen.to_json()
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump(rep.to_json(), f, indent=2)
+      json.dump(out, f, indent=2)
   if _SAVE.value:
     if rep.compiled is None:
       raise UserError(f"--save={_SAVE.value}: the step does not fit {rep.topology}, nothing to save")
     platform = rep.plan.mesh.devices.flat[0].platform
     print("saved the compiled step to", saved.save(_SAVE.value, rep.compiled, _CONFIG.value, platform,
                                                    rep.plan.args, rep.plan.mesh))
-  if rep.fits is False:
+  if (rep is not None and rep.fits is False) or (gen is not None and gen.fits is False):
     sys.exit(NO_FIT_EXIT)
 
 

@@ -1,5 +1,6 @@
 """Ahead-of-time compilation (issue 12): topology names, FLOPs with loop trip counts, the memory and
-FLOP report, the not-fit message, and a saved step that `launch.train` runs.
+FLOP report, the not-fit message, a saved step that `launch.train` runs, and the STARFlow2 generation
+step (decode with both KV caches sharded by the rules; FLOPs per token and image).
 
 The CPU tests compile for the 8 fake CPU devices of conftest.py. The TPU tests compile for named TPU
 topologies with libtpu and are skipped when libtpu is not installed; CI exercises them in a job that
@@ -18,8 +19,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from starflow2_jax.errors import UserError
-from starflow2_jax.scale import abstract, hlo_flops, model_flops, report, saved, topology
-from starflow2_jax.train import state as state_lib
+from starflow2_jax.scale import abstract, generation, hlo_flops, model_flops, report, saved, topology
 from train_runner import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,10 +163,16 @@ def test_sampling_only_config_gets_the_training_defaults():
   assert (config.data.image_size, config.data.channels) == (256, 3) and "train" in config
 
 
-def _initial_state(plan):
-  state, _ = state_lib.init_sharded(plan.task.init_fn, plan.tx, plan.init_rng, plan.mesh, plan.rules,
-                                    False)
-  return state
+def _random_state(plan, seed: int = 0):
+  """A train state of the plan's shapes and shardings, floats uniform in [0, 0.1) (valid Adam moments
+  too), integers 0: what the compiled step takes, without compiling the initialiser."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(x):
+    value = (rng.uniform(0.0, 0.1, x.shape).astype(x.dtype) if x.dtype == np.float32
+             else np.zeros(x.shape, x.dtype))
+    return jax.device_put(value, x.sharding)
+  return jax.tree.map(leaf, plan.state)
 
 
 def test_saved_step_runs_and_refuses_another_run(cpu_report, tmp_path):
@@ -188,9 +194,57 @@ def test_saved_step_runs_and_refuses_another_run(cpu_report, tmp_path):
   batch = {k: jax.device_put(rng.integers(0, 10, s.shape).astype(s.dtype), s.sharding)
            for k, s in plan.batch.items()}
   key = jax.random.key(1)
-  _, want = cpu_report.compiled(_initial_state(plan), plan.frozen, batch, key)
-  _, got = loaded(_initial_state(plan), plan.frozen, batch, key)
+  _, want = cpu_report.compiled(_random_state(plan), plan.frozen, batch, key)  # each call donates it
+  _, got = loaded(_random_state(plan), plan.frozen, batch, key)
   assert float(got["loss"]) == float(want["loss"]) and np.isfinite(float(got["loss"]))
+
+
+# --- the STARFlow2 generation step ----------------------------------------------------------------
+
+def _starflow2_tiny(**overrides):
+  from configs import starflow2_tiny
+  config = starflow2_tiny.get_config("stage=3")
+  config.mesh.shape = {"data": 2, "fsdp": 2, "tensor": 2}
+  for key, value in overrides.items():
+    parent, _, field = key.rpartition(".")
+    config[parent][field] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def gen_report():
+  return generation.compile_report(_starflow2_tiny(), "cpu:8", "starflow2_tiny")
+
+
+def test_generation_step_caches_are_sharded_by_the_rules(gen_report):
+  r = gen_report
+  plan = r.plan
+  assert (r.conversations, r.rows, r.cache_len) == (4, 4, 96)  # one per data x fsdp shard, unguided
+  caches = plan.args[generation.ARG_NAMES.index("caches")]
+  rows_axes = ("data", "fsdp")  # cache_batch; KV heads over tensor (parallel.DEFAULT_LOGICAL_RULES)
+  for cache in (caches.vlm, caches.deep):
+    assert cache.k.shape[1:3] == (4, 96)
+    assert cache.k.sharding.spec == P(None, rows_axes, None, "tensor", None)
+    assert cache.valid.sharding.spec == P(rows_axes, None)
+  assert plan.args[generation.ARG_NAMES.index("tokens")].sharding.spec == P(rows_axes, None)
+  assert r.memory["aliased"] > 0  # the donated caches are written in place
+
+
+def test_generation_step_flops_per_token_and_image(gen_report):
+  r = gen_report
+  # one position per row: the compiled matmuls are the analytical 2ND + attention over the cache
+  assert 0.95 < r.flop_ratio < 1.1, r.flop_ratio
+  assert r.flops_per_token == r.compiled_flops / 4
+  assert r.flops_per_image == r.flops_per_token * (r.num_latents + 1)
+  text = generation.format_report(r)
+  assert "per generated token" in text and "fit unknown" in text
+
+
+def test_generation_plan_guidance_rows_and_kind_check():
+  plan = generation.build(_starflow2_tiny(**{"sample.guidance": 2.0}), jax.devices()[:8], "cpu", 2)
+  assert (plan.conversations, plan.rows) == (2, 4)  # [cond; uncond]
+  with pytest.raises(UserError, match="model_kind='flow'"):
+    generation.build(_small(), jax.devices()[:8], "cpu")
 
 
 # --- TPU topologies (libtpu) -----------------------------------------------------------------------
@@ -214,6 +268,19 @@ def test_tpu_report_of_a_small_flow():
   assert r.plan.config.model.attention_impl == "xla"
   assert 0.9 < r.flop_ratio < 1.25 and not r.unknown_loops
   assert r.step_seconds(0.5) == pytest.approx(2 * r.step_seconds(1.0))
+
+
+@needs_libtpu
+def test_tpu_generation_step_of_the_tiny_starflow2():
+  """One row per chip: the TPU compiler rewrites the matrix-vector products as element-wise
+  reductions (fewer matmuls after optimization), so the lowered program's matmuls are counted."""
+  config = _starflow2_tiny(**{"mesh.shape": {"data": 1, "fsdp": 2, "tensor": 2}})
+  r = generation.compile_report(config, "v5e-4")
+  assert r.device_kind == "TPU v5 lite" and r.fits is True and r.rows == 2
+  assert 0.95 < r.flop_ratio < 1.1, r.flop_ratio
+  assert r.mxu_flops < 0.5 * r.compiled_flops
+  assert r.step_seconds(0.5) == max(r.compute_seconds(0.5), r.read_seconds())
+  assert r.read_seconds() == r.memory["arguments"] / topology.parse("v5e-4").hbm_bandwidth
 
 
 _LIST_DEVICES = "import jax; jax.devices()"

@@ -87,14 +87,22 @@ def test_print_mode_commands_are_launch_train_runs(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_end_to_end(tmp_path):
+  """Two points, one already evaluated (skipped: the sweep resumes), the other trained here; then the
+  fit over both, the table, JSON and plot."""
   sweep_file = tmp_path / "tiny.py"
   one = dict(TINY, sizes={"w8": TINY["sizes"]["w8"]})
   sweep_file.write_text(f"def get_sweep():\n  return {one!r}\n")
+  done = tmp_path / "run" / "w8-s2"
+  os.makedirs(done)
+  (done / "eval_0000002.json").write_text(json.dumps({"eval": {"bpd": 9.0}}))
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
   out = subprocess.run([sys.executable, "-m", "launch.sweep", f"--sweep={sweep_file}",
                         f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
+  assert "w8-s2: already evaluated, skipped" in out.stderr
   assert "fitted exponent: bpd ~ FLOPs^" in out.stdout
   assert sorted(os.listdir(tmp_path / "run")) == ["sweep.json", "sweep.md", "sweep.png", "w8-s2", "w8-s4"]
+  points = json.load(open(tmp_path / "run" / "sweep.json"))["points"]
+  assert [p["name"] for p in points if p["loss"] is not None] == ["w8-s2", "w8-s4"], points

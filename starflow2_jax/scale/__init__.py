@@ -7,4 +7,6 @@ reports (used by `launch.compile`, `launch.memory_table` and `launch.sweep`).
   hlo_flops   FLOPs of a compiled program with its loop trip counts
   model_flops the analytical model FLOPs of a step (6ND trained, 2ND frozen, plus attention)
   report      compile for a target; per-chip memory, FLOPs, step time at peak; the not-fit message
+  generation  the STARFlow2 decode step (both KV caches sharded by the rules) compiled for a target:
+              per-chip memory, FLOPs per generated token and image
 """

@@ -88,7 +88,7 @@ def example_spec(config: ml_collections.ConfigDict, task: Task) -> dict[str, jax
   return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in example.items()}
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
+def with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs with `shardings` for a tree of arrays or ShapeDtypeStructs (None: no tree)."""
   if tree is None:
     return None
@@ -134,7 +134,7 @@ def build(config: ml_collections.ConfigDict, devices: list, platform: str) -> Pl
   state_sh = state_lib.state_shardings(task.init_fn, tx, init_rng, mesh, rules,
                                        float(tc.ema_decay) > 0)
   state = state_lib.abstract_state(task.init_fn, tx, init_rng, state_sh)
-  frozen = _abstract(task.frozen, task.frozen_shardings)
+  frozen = with_shardings(task.frozen, task.frozen_shardings)
   batch = {k: jax.ShapeDtypeStruct((int(tc.batch_size),) + s.shape, s.dtype,
                                    sharding=parallel.batch_sharding(mesh, 1 + len(s.shape)))
            for k, s in example_spec(config, task).items()}

@@ -91,7 +91,7 @@ class Report:
     return d
 
 
-def _memory(compiled) -> dict[str, int]:
+def memory_of(compiled) -> dict[str, int]:
   ma = compiled.memory_analysis()
   mem = {"arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
          "aliased": ma.alias_size_in_bytes, "temporaries": ma.temp_size_in_bytes,
@@ -103,17 +103,18 @@ def _memory(compiled) -> dict[str, int]:
 ARG_NAMES = ("state", "frozen", "batch", "rng")  # the train step's arguments
 
 
-def largest_buffers(args: Any, n: int = LARGEST_BUFFERS) -> list[tuple[str, int]]:
-  """The n largest per-chip argument buffers (path, bytes of one shard) of the train step's abstract
-  sharded arguments (state, frozen, batch, rng)."""
+def largest_buffers(args: Any, n: int = LARGEST_BUFFERS,
+                    names: tuple[str, ...] = ARG_NAMES) -> list[tuple[str, int]]:
+  """The n largest per-chip argument buffers (path, bytes of one shard) of a step's abstract sharded
+  arguments (`names`: the train step's state, frozen, batch, rng by default)."""
   out = []
-  for path, x in jax.tree_util.tree_flatten_with_path(dict(zip(ARG_NAMES, args)))[0]:
+  for path, x in jax.tree_util.tree_flatten_with_path(dict(zip(names, args)))[0]:
     shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
     out.append((jax.tree_util.keystr(path), math.prod(shard) * x.dtype.itemsize))
   return sorted(out, key=lambda p: -p[1])[:n]
 
 
-def _count_flops(compiled, lowered, devices: int) -> tuple[hlo_flops.HloFlops, str, int]:
+def count_flops(compiled, lowered, devices: int) -> tuple[hlo_flops.HloFlops, str, int]:
   """(counted FLOPs, source, multiplier to the whole step). The optimized per-device HLO; when the
   backend cannot print it back (libtpu's RET_CHECK on some async instructions), the unoptimized
   global HLO of the lowering: the same program before SPMD partitioning and XLA's passes."""
@@ -125,14 +126,14 @@ def _count_flops(compiled, lowered, devices: int) -> tuple[hlo_flops.HloFlops, s
     return hlo_flops.count(text), f"unoptimized global HLO (the optimized one: {reason})", 1
 
 
-def _cost(compiled) -> dict:
+def cost_of(compiled) -> dict:
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else {}
   return dict(ca or {})
 
 
-def _is_oom(e: Exception) -> bool:
+def is_oom(e: Exception) -> bool:
   return any(m in str(e) for m in OOM_MARKERS)
 
 
@@ -150,19 +151,19 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
   try:
     compiled = lowered.compile()
   except Exception as e:  # XlaRuntimeError; only an out-of-memory verdict is a report, not a crash
-    if not _is_oom(e):
+    if not is_oom(e):
       raise
     message = "\n".join(str(e).splitlines()[:COMPILER_LINES])
   t2 = time.perf_counter()
   params = plan.state.params
   counted = model_flops.train_step_flops(plan.config, params, plan.trainable, plan.frozen,
                                          plan.task.tokens_per_example)
-  memory = _memory(compiled) if compiled is not None else None
+  memory = memory_of(compiled) if compiled is not None else None
   n = len(devices)
   hf, flops_source, per_device = None, "", 1
   if compiled is not None:
-    hf, flops_source, per_device = _count_flops(compiled, lowered, n)
-  cost = _cost(compiled) if compiled is not None else {}
+    hf, flops_source, per_device = count_flops(compiled, lowered, n)
+  cost = cost_of(compiled) if compiled is not None else {}
   leaves = jax.tree.leaves(params)
   return Report(
       config_name=config_name, topology=topo.name, device_kind=devices[0].device_kind, devices=n,
@@ -184,7 +185,7 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
       plan=plan).against(hbm_bytes or topo.hbm_bytes)
 
 
-def _gib(b: float) -> str:
+def gib(b: float) -> str:
   return f"{b / GIB:.2f} GiB"
 
 
@@ -195,18 +196,18 @@ def format_report(r: Report) -> str:
            f"  parameters {r.params / 1e6:,.1f} M ({r.trainable_params / 1e6:,.1f} M train), frozen "
            f"{r.frozen_params / 1e6:,.1f} M; lowered in {r.lower_seconds:.1f} s, compiled in "
            f"{r.compile_seconds:.1f} s"]
-  hbm = _gib(r.hbm_bytes) if r.hbm_bytes else "unknown HBM"
+  hbm = gib(r.hbm_bytes) if r.hbm_bytes else "unknown HBM"
   if r.memory is not None:
     m = r.memory
-    lines.append(f"  memory per chip: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} "
-                 f"({_gib(m['aliased'])} aliased), temporaries {_gib(m['temporaries'])}, code "
-                 f"{_gib(m['code'])}; total {_gib(m['total'])} of {hbm}")
+    lines.append(f"  memory per chip: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])} "
+                 f"({gib(m['aliased'])} aliased), temporaries {gib(m['temporaries'])}, code "
+                 f"{gib(m['code'])}; total {gib(m['total'])} of {hbm}")
   verdict = {True: "FITS", None: "fit unknown (no HBM figure for this chip)"}.get(r.fits, "DOES NOT FIT")
   lines.append(f"  {verdict}" + (f" ({r.memory['total'] / r.hbm_bytes:.0%} of HBM)"
                                  if r.memory is not None and r.hbm_bytes else ""))
   if r.fits is False:
     lines.append("  largest argument buffers per chip:")
-    lines += [f"    {_gib(b):>12}  {p}" for p, b in r.largest_buffers]
+    lines += [f"    {gib(b):>12}  {p}" for p, b in r.largest_buffers]
     if r.compiler_message:
       lines.append("  the compiler says:")
       lines += ["    " + line for line in r.compiler_message.splitlines()]
@@ -229,6 +230,6 @@ def format_report(r: Report) -> str:
                  f"step takes {r.step_seconds(1.0):.4g} s ({r.examples_per_second(1.0):,.1f} examples/s); at "
                  f"{UTILISATION:.0%} of peak {r.step_seconds(UTILISATION):.4g} s "
                  f"({r.examples_per_second(UTILISATION):,.1f} examples/s)")
-  if r.xla_optimal_seconds:
+  if r.xla_optimal_seconds and r.xla_optimal_seconds > 0:  # libtpu gives negative ones for some programs
     lines.append(f"  XLA's own time estimate: {r.xla_optimal_seconds:.4g} s per step (loop bodies once)")
   return "\n".join(lines)

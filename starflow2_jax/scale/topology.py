@@ -9,7 +9,8 @@
 Cloud TPU names count TensorCores for v4 and v5p (two per chip: v5p-64 is 32 chips) and chips for v5e
 and v6e. A slice's chips form a 3-D torus (v4, v5p) or a 2-D grid (v5e, v6e) in the standard shapes
 (sides powers of two, as even as possible, the smallest first). JAX sees one device per chip (v4 and
-v5p as megacore chips). Per-chip HBM and bf16 peak come from `train.mfu`.
+v5p as megacore chips). Per-chip HBM and bf16 peak come from `train.mfu`; the HBM bandwidth (decode
+steps, `scale.generation`) from Cloud TPU's published figures here.
 """
 from __future__ import annotations
 
@@ -31,13 +32,15 @@ class Generation:
   cores_per_chip: int  # TensorCores counted by the slice name (v4, v5p: 2; v5e, v6e: chips)
   chip_config: str  # libtpu chip config: megacore chips as one device, or "default"
   device_kind: str  # jax.Device.device_kind of the chips (for the train.mfu tables)
+  hbm_bandwidth: float  # HBM bytes/s per chip (Cloud TPU's published figures)
 
 
+GB = 1e9
 GENERATIONS = {g.name: g for g in (
-    Generation("v4", "v4", 3, 2, "megacore", "TPU v4"),
-    Generation("v5p", "v5p", 3, 2, "megacore", "TPU v5"),
-    Generation("v5e", "v5e", 2, 1, "default", "TPU v5 lite"),
-    Generation("v6e", "v6e", 2, 1, "default", "TPU v6 lite"),
+    Generation("v4", "v4", 3, 2, "megacore", "TPU v4", 1200 * GB),
+    Generation("v5p", "v5p", 3, 2, "megacore", "TPU v5", 2765 * GB),
+    Generation("v5e", "v5e", 2, 1, "default", "TPU v5 lite", 819 * GB),
+    Generation("v6e", "v6e", 2, 1, "default", "TPU v6 lite", 1640 * GB),
 )}
 ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}  # other names Cloud TPU uses
 HOST_CHIPS = (2, 2, 1)  # chips per host of multi-host slices (4-chip hosts)
@@ -73,6 +76,11 @@ class Topology:
   def peak_flops(self) -> float | None:
     """Dense bf16 FLOP/s per chip (None: unknown)."""
     return mfu.chip_peak(self.device_kind)
+
+  @property
+  def hbm_bandwidth(self) -> float | None:
+    """HBM bytes/s per chip (None: unknown, e.g. a CPU)."""
+    return self.generation.hbm_bandwidth if self.is_tpu else None
 
   @property
   def libtpu_topology(self) -> str:
