@@ -104,7 +104,7 @@ def build(config: ml_collections.ConfigDict, devices: list, platform: str,
   rules = parallel.logical_rules(config)
   seed = int(config.train.seed)
   # the frozen VLM exactly as training builds it (on a compile-only mesh: ShapeDtypeStructs)
-  vlm, vlm_params, qcfg = pretzel_task.frozen_vlm(config, mesh, rules, [seed, pretzel_task._VLM_STREAM])
+  vlm, vlm_params, qcfg = pretzel_task.frozen_vlm(config, mesh, rules, [seed, pretzel_task.VLM_STREAM])
   fae = pretzel_task.fae_of(config)
   tokenizer = tok_lib.load_tokenizer(pretzel_task.tokenizer_path(config.tokenizer))
   cfg = pconfig.from_config(config, vlm=qcfg, latent_grid=fae.grid, latent_channels=fae.channels,
@@ -277,16 +277,8 @@ def format_report(r: GenerationReport) -> str:
     lines.append(f"  memory per chip: arguments {gib(m['arguments'])} (params, frozen VLM, caches), outputs "
                  f"{gib(m['outputs'])} ({gib(m['aliased'])} aliased), temporaries {gib(m['temporaries'])}; "
                  f"total {gib(m['total'])} of {hbm}")
-  verdict = {True: "FITS", None: "fit unknown (no HBM figure for this chip)"}.get(r.fits, "DOES NOT FIT")
-  lines.append(f"  {verdict}" + (f" ({r.memory['total'] / r.hbm_bytes:.0%} of HBM)"
-                                 if r.memory is not None and r.hbm_bytes else ""))
-  if r.fits is False:
-    lines.append("  largest argument buffers per chip:")
-    lines += [f"    {gib(b):>12}  {p}" for p, b in r.largest_buffers]
-    if r.compiler_message:
-      lines += ["  the compiler says:"] + ["    " + x for x in r.compiler_message.splitlines()]
-    lines.append("  to fit: fewer conversations (--gen_batch), a shorter sample.cache_len, more tensor / "
-                 "fsdp sharding (mesh.shape), or a larger slice")
+  lines += report_lib.fit_lines(r, "fewer conversations (--gen_batch), a shorter sample.cache_len, more "
+                                  "tensor / fsdp sharding (mesh.shape), or a larger slice")
   a = r.analytical
   lines.append(f"  analytical FLOPs per step {a['total']:.4g} (2ND matmuls {a['matmuls']:.4g}, attention "
                f"over the cache {a['attention']:.4g})")

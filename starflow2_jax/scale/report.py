@@ -189,6 +189,22 @@ def gib(b: float) -> str:
   return f"{b / GIB:.2f} GiB"
 
 
+def fit_lines(r, advice: str) -> list[str]:
+  """The verdict of a report `r` (a train-step or generation report: memory, hbm_bytes, fits,
+  largest_buffers, compiler_message) and, when it does not fit, its largest buffers and `advice`."""
+  verdict = {True: "FITS", None: "fit unknown (no HBM figure for this chip)"}.get(r.fits, "DOES NOT FIT")
+  lines = [f"  {verdict}" + (f" ({r.memory['total'] / r.hbm_bytes:.0%} of HBM)"
+                             if r.memory is not None and r.hbm_bytes else "")]
+  if r.fits is False:
+    lines.append("  largest argument buffers per chip:")
+    lines += [f"    {gib(b):>12}  {p}" for p, b in r.largest_buffers]
+    if r.compiler_message:
+      lines.append("  the compiler says:")
+      lines += ["    " + line for line in r.compiler_message.splitlines()]
+    lines.append("  to fit: " + advice)
+  return lines
+
+
 def format_report(r: Report) -> str:
   """The human-readable report of `launch.compile`."""
   lines = [f"{r.config_name or 'config'} on {r.topology}: {r.devices} x {r.device_kind}, mesh {r.mesh}, "
@@ -202,17 +218,8 @@ def format_report(r: Report) -> str:
     lines.append(f"  memory per chip: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])} "
                  f"({gib(m['aliased'])} aliased), temporaries {gib(m['temporaries'])}, code "
                  f"{gib(m['code'])}; total {gib(m['total'])} of {hbm}")
-  verdict = {True: "FITS", None: "fit unknown (no HBM figure for this chip)"}.get(r.fits, "DOES NOT FIT")
-  lines.append(f"  {verdict}" + (f" ({r.memory['total'] / r.hbm_bytes:.0%} of HBM)"
-                                 if r.memory is not None and r.hbm_bytes else ""))
-  if r.fits is False:
-    lines.append("  largest argument buffers per chip:")
-    lines += [f"    {gib(b):>12}  {p}" for p, b in r.largest_buffers]
-    if r.compiler_message:
-      lines.append("  the compiler says:")
-      lines += ["    " + line for line in r.compiler_message.splitlines()]
-    lines.append("  to fit: shard more (mesh.shape fsdp / tensor), remat (model.remat=full), a smaller "
-                 "train.batch_size with train.grad_accum, or a larger slice")
+  lines += fit_lines(r, "shard more (mesh.shape fsdp / tensor), remat (model.remat=full), a smaller "
+                        "train.batch_size with train.grad_accum, or a larger slice")
   a = r.analytical
   back = f", 2ND backward through frozen {a['frozen_backward']:.4g}" if a["frozen_backward"] else ""
   lines.append(f"  analytical FLOPs per step {r.analytical_flops:.4g} (6ND trained {a['trained']:.4g}, "
