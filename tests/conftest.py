@@ -38,7 +38,7 @@ torchvision_cpu.install()  # before anything imports transformers (which imports
 pytest_plugins = ("parity_guard",)  # a parity test skipped for want of torch & co. is listed; CI fails
 
 
-# `-n auto` (pytest.ini): one test process per core, at most MAX_WORKERS (each holds its own compiled
+# `-n auto` (pytest-xdist): one test process per core, at most MAX_WORKERS (each holds its own compiled
 # programs and 8 fake devices: a few GiB of host memory).
 MAX_WORKERS = 4
 
