@@ -114,6 +114,14 @@ def test_quick_attention_and_reference_parts(tmp_path, parse_flags, capsys):
   assert ref["sample_difference"]["sample"]["max_abs"] < 1e-4
   assert ref["sample_difference"]["guided"]["max_abs"] < 1e-4
   assert ref["torch_threads"] >= 1
+  # the roofline: analytic FLOPs / the matmul peak bound both steps from below
+  roof = ref["roofline"]
+  np.testing.assert_allclose(roof["floor_s"], roof["analytic_flops"] / roof["peak_flop_per_s"])
+  for side, key in (("ours", "ours_fraction_of_peak"), ("reference", "reference_fraction_of_peak")):
+    np.testing.assert_allclose(roof[key], roof["floor_s"] / ref["train"][side]["median_s"])
+  np.testing.assert_allclose(roof["target_fraction_of_peak"],
+                             roof["target"] * roof["reference_fraction_of_peak"])
+  assert "roofline:" in printed
 
 
 def test_reference_part_needs_a_reference_clone(tmp_path):
