@@ -12,7 +12,7 @@ Parts (each a `launch.train` run in WORKDIR/<part>, built-in data, nothing downl
 Printed per part: parameters, the step time (the loop's steps/s after the first logging window, which
 holds the compilation), MFU = analytical model FLOPs per step (`scale.model_flops`: 6ND + attention)
 / (step time x devices x the chip's bf16 peak from `train.mfu`'s table), and the loop's own `mfu`
-(from XLA's cost analysis, which counts a scanned layer stack once: a lower figure). A chip missing
+(from the compiled step's matmuls, `scale.hlo_flops`, loops x trip counts). A chip missing
 from the table gets no MFU. Outputs are never overwritten (WORKDIR/<part> must not exist).
 """
 import json
@@ -84,17 +84,17 @@ def measure(part: str, config, workdir: str) -> dict:
          "dtype": str(config.model.dtype), "step_seconds": step, "wall_seconds": wall,
          "analytical_flops_per_step": flops.total, "peak_flops_per_chip": peak,
          "mfu": flops.total / (step * len(devices) * peak) if step and peak else None,
-         "loop_mfu_xla_cost": summary["metrics"].get("mfu"), "loss": summary["metrics"].get("loss")}
+         "loop_mfu": summary["metrics"].get("mfu"), "loss": summary["metrics"].get("loss")}
   return out
 
 
 def _line(r: dict) -> str:
   step = f"{r['step_seconds'] * 1e3:.1f} ms" if r["step_seconds"] else "no timed window"
   mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "- (chip not in train.mfu's table)"
-  loop_mfu = f"{r['loop_mfu_xla_cost']:.1%}" if r["loop_mfu_xla_cost"] is not None else "-"
+  loop_mfu = f"{r['loop_mfu']:.1%}" if r["loop_mfu"] is not None else "-"
   return (f"{r['part']}: {r['devices']} x {r['device_kind']}, {r['params'] / 1e6:,.1f} M params, "
           f"{r['dtype']}, batch {r['batch']}, {r['steps']} steps: step {step}, MFU {mfu} "
-          f"(analytical {r['analytical_flops_per_step']:.4g} FLOPs per step; the loop's XLA-cost mfu "
+          f"(analytical {r['analytical_flops_per_step']:.4g} FLOPs per step; the loop's compiled-HLO mfu "
           f"{loop_mfu}), loss {r['loss']:.4g}, {r['wall_seconds']:.0f} s with compilation")
 
 

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from starflow2_jax.errors import UserError
 from starflow2_jax.scale import abstract, generation, hlo_flops, model_flops, report, saved, topology
+from starflow2_jax.train import loop
 from train_runner import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +70,7 @@ def test_hlo_flops_count_loop_trips_where_xla_counts_the_body_once():
   assert compiled.cost_analysis()["flops"] < exact / 2  # why hlo_flops exists
   # the unoptimized HLO (names without %, loops without known_trip_count) counts the same
   assert hlo_flops.count(lowered.compiler_ir(dialect="hlo").as_hlo_text()).flops == exact
+  assert loop._flops_per_step(compiled) == exact  # the train loop's FLOP/s and MFU use this count
 
 
 TPU_STYLE_LOOP = """HloModule m
