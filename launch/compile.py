@@ -77,8 +77,7 @@ def main(argv):
   if _SAVE.value:
     if rep.compiled is None:
       raise UserError(f"--save={_SAVE.value}: the step does not fit {rep.topology}, nothing to save")
-    platform = rep.plan.mesh.devices.flat[0].platform
-    print("saved the compiled step to", saved.save(_SAVE.value, rep.compiled, _CONFIG.value, platform,
+    print("saved the compiled step to", saved.save(_SAVE.value, rep.compiled, _CONFIG.value,
                                                    rep.plan.args, rep.plan.mesh))
   if (rep is not None and rep.fits is False) or (gen is not None and gen.fits is False):
     sys.exit(NO_FIT_EXIT)

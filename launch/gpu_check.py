@@ -70,7 +70,7 @@ def measure(part: str, config, workdir: str) -> dict:
   from starflow2_jax.scale import abstract, model_flops
   from starflow2_jax.train import loop, mfu
   devices = jax.devices()
-  plan = abstract.build(config, devices, devices[0].platform)
+  plan = abstract.build(config, devices)
   flops = model_flops.train_step_flops(plan.config, plan.state.params, plan.trainable, plan.frozen,
                                        plan.task.tokens_per_example)
   t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from starflow2_jax.errors import UserError
+from starflow2_jax.nn import attention_ops
 from starflow2_jax.scale import abstract, generation, hlo_flops, model_flops, report, saved, topology
 from starflow2_jax.train import loop
 from train_runner import tiny_config
@@ -134,7 +135,7 @@ def test_report_memory_and_flops(cpu_report):
 
 def test_analytical_flops_of_the_flow():
   config = _small()
-  plan = abstract.build(config, jax.devices()[:8], "cpu")
+  plan = abstract.build(config, jax.devices()[:8])
   got = model_flops.train_step_flops(plan.config, plan.state.params, plan.trainable, None, 16)
   kernels = model_flops.kernel_params(plan.state.params)
   t, b = 16, 16  # 8x8 images of 2x2 patches; batch 16
@@ -152,16 +153,22 @@ def test_not_fit_lists_the_largest_buffers(cpu_report):
   assert "DOES NOT FIT" in text and r.largest_buffers[0][0] in text and "to fit:" in text
 
 
-def test_attention_auto_is_resolved_for_the_target():
-  config = _small()
-  config.model.attention_impl = "auto"
-  assert abstract.for_target(config, "tpu").model.attention_impl == "xla"
-  assert abstract.for_target(config, "cpu").model.attention_impl == "auto"
+def test_attention_auto_is_chosen_for_the_target_platform():
+  q = jnp.zeros((1, 4, 2, 8), jnp.float32)
+  assert attention_ops.resolve_implementation("auto", q) == "cpu"  # the host's (tests run on CPU)
+  with attention_ops.target_platform("tpu"):
+    assert attention_ops.resolve_implementation(None, q) == "xla"
+    assert attention_ops.resolve_implementation("pallas_tpu", q) == "pallas_tpu"
+    with pytest.raises(UserError, match="runs on GPU only, found platform 'tpu'"):
+      attention_ops.resolve_implementation("cudnn", q)
+  assert attention_ops.platform() == "cpu"
+  with pytest.raises(UserError, match="runs on TPU only"):
+    attention_ops.resolve_implementation("pallas_tpu", q)
 
 
 def test_sampling_only_config_gets_the_training_defaults():
   from configs import tarflow_afhq256
-  config = abstract.for_target(tarflow_afhq256.get_config(), "tpu")
+  config = abstract.with_train_defaults(tarflow_afhq256.get_config())
   assert (config.data.image_size, config.data.channels) == (256, 3) and "train" in config
 
 
@@ -179,13 +186,13 @@ def _random_state(plan, seed: int = 0):
 
 def test_saved_step_runs_and_refuses_another_run(cpu_report, tmp_path):
   plan = cpu_report.plan
-  path = saved.save(str(tmp_path / "step.pkl"), cpu_report.compiled, plan.config, "cpu", plan.args,
+  path = saved.save(str(tmp_path / "step.pkl"), cpu_report.compiled, plan.config, plan.args,
                     plan.mesh)
   with pytest.raises(UserError, match="never overwritten"):
-    saved.save(path, cpu_report.compiled, plan.config, "cpu", plan.args, plan.mesh)
+    saved.save(path, cpu_report.compiled, plan.config, plan.args, plan.mesh)
   with pytest.raises(UserError, match=r"config train\.lr: compiled for 0\.001, this run has 0\.0005"):
     saved.load(path, _small(**{"train.lr": 5e-4}), plan.args, plan.mesh)
-  wide = abstract.build(_small(**{"model.width": 64}), jax.devices()[:8], "cpu")
+  wide = abstract.build(_small(**{"model.width": 64}), jax.devices()[:8])
   with pytest.raises(UserError, match=r"argument \[0\]\.(opt_state|params)"):
     saved.load(path, plan.config, wide.args, plan.mesh)
   with pytest.raises(UserError, match="not a compiled train step"):
@@ -243,13 +250,15 @@ def test_generation_step_flops_per_token_and_image(gen_report):
 
 
 def test_generation_plan_guidance_rows_and_kind_check():
-  plan = generation.build(_starflow2_tiny(**{"sample.guidance": 2.0}), jax.devices()[:8], "cpu", 2)
+  plan = generation.build(_starflow2_tiny(**{"sample.guidance": 2.0}), jax.devices()[:8], 2)
   assert (plan.conversations, plan.rows) == (2, 4)  # [cond; uncond]
   with pytest.raises(UserError, match="model_kind='flow'"):
-    generation.build(_small(), jax.devices()[:8], "cpu")
+    generation.build(_small(), jax.devices()[:8])
 
 
 # --- TPU topologies (libtpu) -----------------------------------------------------------------------
+CPU_KERNEL = "bhrd,bhsd->bhrs"  # the einsum of nn.attention_ops' cpu kernel (op names in the HLO)
+
 
 @needs_libtpu
 def test_tpu_batched_matmul_flops_are_exact():
@@ -267,9 +276,19 @@ def test_tpu_batched_matmul_flops_are_exact():
 def test_tpu_report_of_a_small_flow():
   r = report.compile_report(_small(**{"mesh.shape": {"data": 1, "fsdp": 4, "tensor": 1}}), "v5e-4")
   assert r.device_kind == "TPU v5 lite" and r.devices == 4 and r.fits is True
-  assert r.plan.config.model.attention_impl == "xla"
+  assert CPU_KERNEL not in r.compiled.as_text()  # "auto" attention is the TPU's, not the host's
   assert 0.9 < r.flop_ratio < 1.25 and not r.unknown_loops
   assert r.step_seconds(0.5) == pytest.approx(2 * r.step_seconds(1.0))
+
+
+@needs_libtpu
+def test_tpu_train_step_of_the_tiny_starflow2_runs_every_stream_sharded():
+  """Every stream's attention is the TPU kernel (the VLM's config names none): the host's CPU kernel
+  scans batch chunks, which made each fsdp shard compute the whole batch's attention."""
+  config = _starflow2_tiny(**{"mesh.shape": {"data": 1, "fsdp": 2, "tensor": 2}})
+  r = report.compile_report(config, "v5e-4")
+  assert r.fits is True and CPU_KERNEL not in r.compiled.as_text()
+  assert r.flops_source == "optimized per-device HLO" and 0.9 < r.flop_ratio < 1.4, r.flop_ratio
 
 
 @needs_libtpu

@@ -22,9 +22,15 @@ Implementations (`TransformerConfig.attention_impl`):
   pallas_tpu  the Pallas TPU flash-attention kernel, the mask as an additive bias (TPU only);
   pallas_tpu_interpret  the same kernel run by the Pallas TPU interpreter (any platform; slow: tests).
   None / "auto": cpu on CPU; on GPU cudnn where `cudnn_supports` allows, else xla; xla on TPU.
+
+The platform is the one the program is traced for: JAX's default backend, or inside
+`target_platform(p)` the platform p (ahead-of-time compilation for a TPU slice on a CPU host,
+`scale.abstract`: every kernel of every stream, whether its config names one or not).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -42,6 +48,23 @@ PALLAS_BLOCK = 128  # the Pallas TPU kernel's block length (its key blocks must 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 128
 CUDNN_HEAD_DIM_MULTIPLE = 8
+_TARGET = contextvars.ContextVar("attention_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+  """Choose and check kernels for the platform `name` ("cpu", "gpu", "tpu") instead of the default
+  backend while a program for another backend is traced here (ahead-of-time compilation)."""
+  token = _TARGET.set(name)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def platform() -> str:
+  """The platform kernels are chosen for: `target_platform`'s, else JAX's default backend."""
+  return _TARGET.get() or jax.default_backend()
 
 
 def dot_product_attention(q, k, v, *, mask=None, scale=None, implementation: str | None = None):
@@ -63,23 +86,23 @@ def dot_product_attention(q, k, v, *, mask=None, scale=None, implementation: str
 
 
 def resolve_implementation(implementation: str | None, q) -> str:
-  """The kernel `implementation` names for queries like `q` on the default backend."""
+  """The kernel `implementation` names for queries like `q` on `platform()`."""
   if implementation not in (None, *IMPLEMENTATIONS):
     raise UserError(f"attention_impl={implementation!r} is not an attention implementation; use one "
                     f"of {list(IMPLEMENTATIONS)} or None (= auto: the platform's best)")
-  platform = jax.default_backend()
+  target = platform()
   if implementation in (None, "auto"):
-    if platform == "cpu":
+    if target == "cpu":
       return "cpu"
-    if platform == "gpu":
+    if target == "gpu":
       return "cudnn" if cudnn_supports(q) else "xla"
     return "xla"
-  if implementation == "pallas_tpu" and platform != "tpu":
-    raise UserError(f"attention_impl='pallas_tpu' runs on TPU only, found platform {platform!r}; "
+  if implementation == "pallas_tpu" and target != "tpu":
+    raise UserError(f"attention_impl='pallas_tpu' runs on TPU only, found platform {target!r}; "
                     "use None (auto), or 'pallas_tpu_interpret' to run the kernel in the Pallas "
                     "interpreter (slow; for tests)")
-  if implementation == "cudnn" and platform != "gpu":
-    raise UserError(f"attention_impl='cudnn' runs on GPU only, found platform {platform!r}; use "
+  if implementation == "cudnn" and target != "gpu":
+    raise UserError(f"attention_impl='cudnn' runs on GPU only, found platform {target!r}; use "
                     "None (auto) or 'xla'")
   return implementation
 

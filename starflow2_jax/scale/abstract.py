@@ -1,6 +1,6 @@
 """A config's train step on any devices, from abstract values only (nothing is allocated).
 
-  plan = build(config, devices, platform)      # devices: a TPU topology's or this host's
+  plan = build(config, devices)                # devices: a TPU topology's or this host's
   plan.lower()                                 # -> jax.stages.Lowered of the real train step
 
 The step is the loop's own (`train.step.make_train_step` over `train.tasks.build_task(config, ...)`,
@@ -11,11 +11,11 @@ fields are the task's `record_transform` of a synthetic record (zeros of the dat
 label 0, a text-to-image record with empty texts). A task whose builder draws frozen weights must give
 them as ShapeDtypeStructs when `parallel.compile_only(mesh)` (the STARFlow2 task's random stand-ins).
 
-Platform. On a CPU host compiling for TPU, JAX's default backend is the CPU: every "auto" attention
-kernel of the config (`attention_impl` fields, any section) is resolved for the target platform here
-(TPU: "xla"), not for the host. Configs made for import and sampling only (no `train` section, e.g.
-tarflow_afhq256) get the training defaults of `train.defaults.base_config`, with the data image shape
-read from `config.model`.
+Platform. On a CPU host compiling for TPU, JAX's default backend is the CPU: the step is traced
+inside `nn.attention_ops.target_platform` of the mesh's devices, so every "auto" attention kernel (of
+every stream, its config naming one or not) is the target's (TPU: "xla"), not the host's. Configs made
+for import and sampling only (no `train` section, e.g. tarflow_afhq256) get the training defaults of
+`train.defaults.base_config`, with the data image shape read from `config.model`.
 """
 from __future__ import annotations
 
@@ -28,32 +28,18 @@ import ml_collections
 import numpy as np
 
 from starflow2_jax import parallel
+from starflow2_jax.nn import attention_ops
 from starflow2_jax.errors import UserError
 from starflow2_jax.train import defaults, optimizer, state as state_lib, step as step_lib, tasks
 from starflow2_jax.train.task import Task
 
-# The attention kernel an "auto" config gets per target platform (nn.attention_ops' own choice for
-# TPU; on CPU and GPU the host's resolution at trace time is the target's).
-TARGET_ATTENTION = {"tpu": "xla"}
-AUTO_ATTENTION = (None, "auto")
 SYNTHETIC_TEXT = ""  # captions, questions and answers of the synthetic record
 SYNTHETIC_KIND = "text_to_image"  # the synthetic record's example kind (Pretzel sequences)
 RGB = 3  # channels of a synthetic image when the data config names none
-ATTENTION_FIELD = "attention_impl"
 
 
-def _resolve_attention(cfg: ml_collections.ConfigDict, impl: str) -> None:
-  for key in list(cfg.keys()):
-    value = cfg[key]
-    if isinstance(value, ml_collections.ConfigDict):
-      _resolve_attention(value, impl)
-    elif key == ATTENTION_FIELD and value in AUTO_ATTENTION:
-      cfg[key] = impl
-
-
-def for_target(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
-  """A copy of `config` completed with the training defaults it lacks, its "auto" attention kernels
-  resolved for `platform` ("tpu" or "cpu")."""
+def with_train_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` completed with the training defaults it lacks."""
   config = copy.deepcopy(config)
   with config.unlocked():
     base = defaults.base_config()
@@ -65,8 +51,6 @@ def for_target(config: ml_collections.ConfigDict, platform: str) -> ml_collectio
       for field in ("image_size", "channels"):
         if field in config.model:
           config.data[field] = config.model[field]
-    if platform in TARGET_ATTENTION:
-      _resolve_attention(config, TARGET_ATTENTION[platform])
   return config
 
 
@@ -116,13 +100,14 @@ class Plan:
     return (self.state, self.frozen, self.batch, self.rng)
 
   def lower(self) -> jax.stages.Lowered:
-    return self.train_step.lower(*self.args)
+    with attention_ops.target_platform(self.mesh.devices.flat[0].platform):
+      return self.train_step.lower(*self.args)
 
 
-def build(config: ml_collections.ConfigDict, devices: list, platform: str) -> Plan:
+def build(config: ml_collections.ConfigDict, devices: list) -> Plan:
   """The abstract train step of `config` on a mesh over `devices` (config.mesh decides its shape)."""
   from starflow2_jax.train import loop  # the loop's own validation of the train section
-  config = for_target(config, platform)
+  config = with_train_defaults(config)
   loop.validate(config)
   tc = config.train
   mesh = parallel.make_mesh(config.mesh, devices)

@@ -1,7 +1,7 @@
 """The STARFlow2 generation step ahead of time: one decode step of `generate.step.joint_step` (both
 streams, both KV caches) compiled for a target from abstract, sharded values (nothing is allocated).
 
-  plan = build(config, devices, platform, conversations=0)   # 0: one conversation per batch shard
+  plan = build(config, devices, conversations=0)   # 0: one conversation per batch shard
   rep = compile_report(config, "v5p-64")                     # GenerationReport; format_report(rep)
 
 What is compiled, and why the step rather than the whole `generate.loop.jitted_generate`: the loop's
@@ -49,6 +49,7 @@ from starflow2_jax import parallel
 from starflow2_jax.errors import UserError
 from starflow2_jax.generate import api as gen_api
 from starflow2_jax.generate.step import Caches, joint_step
+from starflow2_jax.nn import attention_ops
 from starflow2_jax.pretzel import config as pconfig, model as pmodel, stages
 from starflow2_jax.pretzel.tokens import special_tokens
 from starflow2_jax.scale import abstract, hlo_flops, model_flops, report as report_lib, topology as topo_lib
@@ -77,7 +78,8 @@ class GenerationPlan:
   cache_len: int  # S
 
   def lower(self) -> jax.stages.Lowered:
-    with parallel.sharding_context(self.mesh, self.rules):
+    with parallel.sharding_context(self.mesh, self.rules), \
+        attention_ops.target_platform(self.mesh.devices.flat[0].platform):
       return self.step.lower(*self.args)
 
 
@@ -89,8 +91,7 @@ def _rows_abstract(mesh, rules, shape, dtype) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def build(config: ml_collections.ConfigDict, devices: list, platform: str,
-          conversations: int = 0) -> GenerationPlan:
+def build(config: ml_collections.ConfigDict, devices: list, conversations: int = 0) -> GenerationPlan:
   """The decode step of a STARFlow2 `config` on a mesh over `devices` (config.mesh decides its shape).
   conversations: B (0: one per data x fsdp shard of the mesh)."""
   if config.get("model_kind") != MODEL_KIND:
@@ -99,7 +100,7 @@ def build(config: ml_collections.ConfigDict, devices: list, platform: str,
   if conversations < 0:
     raise UserError(f"generation batch {conversations}: expected a positive number of conversations, "
                     "or 0 for one per data x fsdp shard")
-  config = abstract.for_target(config, platform)
+  config = abstract.with_train_defaults(config)
   mesh = parallel.make_mesh(config.mesh, devices)
   rules = parallel.logical_rules(config)
   seed = int(config.train.seed)
@@ -228,7 +229,7 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
   topo = topo_lib.parse(target)
   devices = topo_lib.target_devices(topo)
   t0 = time.perf_counter()
-  plan = build(config, devices, topo.platform, conversations)
+  plan = build(config, devices, conversations)
   lowered = plan.lower()
   t1 = time.perf_counter()
   compiled, message = None, ""

@@ -144,7 +144,7 @@ def compile_report(config: ml_collections.ConfigDict, target: str, config_name: 
   topo = topology_lib.parse(target)
   devices = topology_lib.target_devices(topo)
   t0 = time.perf_counter()
-  plan = abstract.build(config, devices, topo.platform)
+  plan = abstract.build(config, devices)
   lowered = plan.lower()
   t1 = time.perf_counter()
   compiled, message = None, ""

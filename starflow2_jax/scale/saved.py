@@ -3,7 +3,7 @@
 
 The file (a pickle) holds the serialized executable (`jax.experimental.serialize_executable`), its
 argument and result tree structures, and what it was compiled for: the step-relevant config sections
-(`STEP_SECTIONS`, after `scale.abstract.for_target`), and the signature of its arguments (tree
+(`STEP_SECTIONS`, after `scale.abstract.with_train_defaults`), and the signature of its arguments (tree
 structure, shapes, dtypes, shardings), the mesh, the device kind and count, and the JAX version. Loading
 checks all of them against the run and names each difference (UserError): an executable bakes in
 the learning-rate schedule, the loss and every shape.
@@ -29,10 +29,10 @@ DATA_FIELDS = ("image_size", "channels")
 MAX_DIFFERENCES = 10  # differences named in the error
 
 
-def step_config(config: ml_collections.ConfigDict, platform: str) -> dict:
+def step_config(config: ml_collections.ConfigDict) -> dict:
   """The flattened {dotted field: value} of the config sections the step depends on."""
   from starflow2_jax.scale import abstract
-  full = abstract.for_target(config, platform).to_dict()
+  full = abstract.with_train_defaults(config).to_dict()
   out: dict[str, Any] = {}
 
   def walk(prefix, value):
@@ -63,8 +63,7 @@ def signature(args: Any, mesh: jax.sharding.Mesh) -> dict:
           "jax": jax.__version__}
 
 
-def save(path: str, compiled, config: ml_collections.ConfigDict, platform: str, args: Any,
-         mesh: jax.sharding.Mesh) -> str:
+def save(path: str, compiled, config: ml_collections.ConfigDict, args: Any, mesh: jax.sharding.Mesh) -> str:
   """Write `compiled` (the train step of `config` on `mesh`) to `path`; never overwrites a file."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(path):
@@ -73,7 +72,7 @@ def save(path: str, compiled, config: ml_collections.ConfigDict, platform: str, 
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "wb") as f:
     pickle.dump({"format": FORMAT, "executable": payload, "in_tree": in_tree, "out_tree": out_tree,
-                 "config": step_config(config, platform), "signature": signature(args, mesh)}, f)
+                 "config": step_config(config), "signature": signature(args, mesh)}, f)
   os.replace(path + ".tmp", path)
   return path
 
@@ -96,7 +95,7 @@ def load(path: str, config: ml_collections.ConfigDict, args: Any, mesh: jax.shar
     raise UserError(f"--compiled_step={path} is not a compiled train step of launch.compile "
                     f"(expected format {FORMAT!r})")
   found_sig = signature(args, mesh)
-  diffs = _differences(saved["config"], step_config(config, jax.default_backend()), "config")
+  diffs = _differences(saved["config"], step_config(config), "config")
   want_sig = saved["signature"]
   diffs += _differences({k: v for k, v in want_sig.items() if k != "leaves"},
                         {k: v for k, v in found_sig.items() if k != "leaves"}, "step")

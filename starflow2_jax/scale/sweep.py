@@ -124,7 +124,7 @@ def account(config: ml_collections.ConfigDict, point: Point, cache: dict | None 
   config = apply_overrides(config, {"mesh.shape": {"data": 1, "fsdp": 1, "tensor": 1}})
   key = apply_overrides(config, {"train.steps": 1}).to_json_best_effort(sort_keys=True)
   if cache is None or key not in cache:
-    plan = abstract.build(config, jax.devices()[:1], jax.default_backend())
+    plan = abstract.build(config, jax.devices()[:1])
     step = model_flops.train_step_flops(plan.config, plan.state.params, plan.trainable, plan.frozen,
                                         plan.task.tokens_per_example)
     value = (sum(x.size for x in jax.tree.leaves(plan.state.params)), step.total)
