@@ -585,7 +585,8 @@ def train_step_figures(s: Settings, width: int, peak_call: tuple[Call, float]) -
         f"the analytic count; per round {min(per_round):.3f}-{max(per_round):.3f})")
   return {"width": cfg.width, "tokens": cfg.num_tokens, "batch": s.flops_batch, "params": params,
           "timing": t["step"].to_json(), "peak_timing": t["peak"].to_json(), "peak_flop_per_s": peak,
-          "xla_flops": xla_flops, "xla_cost_analysis_flops": cost_flops, "analytic_flops": analytic, "flop_per_s": achieved,
+          "xla_flops": xla_flops, "xla_cost_analysis_flops": cost_flops, "analytic_flops": analytic,
+          "flop_per_s": achieved,
           "fraction_of_peak": achieved / peak,
           "fraction_of_peak_analytic": analytic / t["step"].median / peak,
           "fraction_per_round": per_round}

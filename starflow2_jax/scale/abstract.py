@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from starflow2_jax import parallel
-from starflow2_jax.nn import attention_ops
 from starflow2_jax.errors import UserError
+from starflow2_jax.nn import attention_ops
 from starflow2_jax.train import defaults, optimizer, state as state_lib, step as step_lib, tasks
 from starflow2_jax.train.task import Task
 

@@ -2,7 +2,7 @@
 streams, both KV caches) compiled for a target from abstract, sharded values (nothing is allocated).
 
   plan = build(config, devices, conversations=0)   # 0: one conversation per batch shard
-  rep = compile_report(config, "v5p-64")                     # GenerationReport; format_report(rep)
+  rep = compile_report(config, "v5p-64")            # GenerationReport; format_report(rep)
 
 What is compiled, and why the step rather than the whole `generate.loop.jitted_generate`: the loop's
 `while_loop` stops on sampled stop tokens (and Jacobi convergence), so its trip count is data-dependent

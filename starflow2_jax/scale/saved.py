@@ -63,7 +63,8 @@ def signature(args: Any, mesh: jax.sharding.Mesh) -> dict:
           "jax": jax.__version__}
 
 
-def save(path: str, compiled, config: ml_collections.ConfigDict, args: Any, mesh: jax.sharding.Mesh) -> str:
+def save(path: str, compiled, config: ml_collections.ConfigDict, args: Any,
+         mesh: jax.sharding.Mesh) -> str:
   """Write `compiled` (the train step of `config` on `mesh`) to `path`; never overwrites a file."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(path):
