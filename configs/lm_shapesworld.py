@@ -1,13 +1,17 @@
 """The STARFlow2 demo's "pretrained VLM": a small Qwen2.5-architecture language model pretrained on
 chat-formatted ShapesWorld captions, questions and answers with the toy tokenizer (`model_kind: lm`,
-train/lm_task.py; about a minute on 2 CPU cores).
+train/lm_task.py; about a minute on 2 CPU cores), a scene shown as its caption inside a vision span.
+With the argument "vision" it is a vision-language model instead: a vision tower reads each scene's
+32-px image as 4 x 4 merged image tokens (a few minutes). STARFlow2 keeps the language model frozen
+and drops any vision tower: the flow stream's adapter learns to feed it FAE latents (stage 2).
 
   python -m launch.train --config=configs/lm_shapesworld.py --workdir=/tmp/lm \
       --config.tokenizer=/tmp/tok/tokenizer.json
 
 Held-out text CE (nats/token; perplexity = exp), next-token accuracy and exact answers are written to
 WORKDIR/eval_*.json; the export WORKDIR/params_<step>/ is what a STARFlow2 config names as
-config.vlm.checkpoint (configs/starflow2_shapesworld.py). Argument "smoke": a few steps (tests).
+config.vlm.checkpoint (configs/starflow2_shapesworld.py). Arguments (comma-separated): "smoke" (a few
+steps, for tests), "vision".
 """
 import ml_collections
 
@@ -18,8 +22,10 @@ from starflow2_jax.train.lm_task import lm_defaults
 from starflow2_jax.train.pretzel_task import TOY_TOKENIZER
 from starflow2_jax.vlm.tokenizer import DEFAULT_SYSTEM
 
-MAX_LEN = 64  # the longest conversation (system turn, a three-shape caption, a question) is ~50 tokens
-SIZES = ("full", "smoke")
+MAX_LEN = 80  # the longest conversation (system turn, a three-shape caption asked for) is 72 tokens
+IMAGE_SIZE = 32  # the demo's images (configs/fae_shapesworld.py)
+SHAPES_LAYOUT = "grid"  # the demo's ShapesWorld: shapes in the grid cells captions name (data/shapesworld.py)
+OPTIONS = ("smoke", "vision")
 
 
 def model() -> dict:
@@ -30,20 +36,32 @@ def model() -> dict:
               dtype="float32", param_dtype="float32", remat="none", scan_layers=True, vision=None)
 
 
+def vision() -> dict:
+  """The vision tower's fields (vlm.vision.VisionConfig): patches of 4 px merged 2 x 2, full attention
+  in every block."""
+  return dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+              out_hidden_size=model()["hidden_size"], patch_size=4, temporal_patch_size=1,
+              spatial_merge_size=2, window_size=IMAGE_SIZE, fullatt_block_indexes=[0, 1], in_channels=3,
+              dtype="float32", param_dtype="float32")
+
+
 def get_config(arg=None):
-  size = arg or "full"
-  if size not in SIZES:
-    raise UserError(f"configs/lm_shapesworld.py argument {arg!r}: expected one of {SIZES}")
+  options = [p for p in (arg or "").split(",") if p and p != "full"]
+  if any(p not in OPTIONS for p in options):
+    raise UserError(f"configs/lm_shapesworld.py argument {arg!r}: expected comma-separated options from "
+                    f"{OPTIONS} (or 'full')")
   config = base_config()
   config.model_kind = "lm"
   config.tokenizer = TOY_TOKENIZER  # or a tokenizer.json (the demo trains its own)
-  config.model = ml_collections.ConfigDict(model())
+  config.model = ml_collections.ConfigDict({**model(), "vision": vision() if "vision" in options else None})
   config.lm = lm_defaults()
   config.data.name = "shapesworld"
-  config.data.image_size = 8  # the image is not used; small renders keep the loader cheap
+  # without a vision tower the image is not used: small renders keep the loader cheap
+  config.data.image_size = IMAGE_SIZE if "vision" in options else 8
   config.data.channels = 3
   config.data.max_len = MAX_LEN
   config.data.system_prompt = DEFAULT_SYSTEM
+  config.data.shapes_layout = SHAPES_LAYOUT
   config.data.shapes_num_train = 20_000
   config.data.shapes_num_test = 256
   config.train.batch_size = 32
@@ -56,7 +74,7 @@ def get_config(arg=None):
   config.log.every = 50
   config.log.num_samples = 0
   config.log.eval_examples = 256
-  if size == "smoke":
+  if "smoke" in options:
     config.train.steps = 4
     config.train.warmup = 1
     config.train.batch_size = 8

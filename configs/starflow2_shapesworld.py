@@ -27,9 +27,10 @@ from starflow2_jax.vlm.config import experiment_config
 EXCLUDED = (("red", "circle"), ("blue", "triangle"))  # never in a training scene; held out they are
 LATENT_PATCH = 2  # the FAE's 8 x 8 latents as 4 x 4 = 16 flow tokens of 2 x 2 x 32 = 128 channels
 MAX_IMAGES = 3  # an interleaved document of a three-shape scene shows three images
-# a row: two text-to-image or understanding examples (~55 tokens each: templates, text, an image span of
-# 16 latents + 2), or one interleaved document of up to three image spans
-MAX_LEN = 112
+# a row: two text-to-image or understanding examples (46-63 tokens each: templates, text naming grid
+# cells, an image span of 16 latents + 2), or one interleaved document of up to three image spans (the
+# longest, 144 tokens, have their text cut)
+MAX_LEN = 128
 PACK = 2
 MIXTURES = {
     1: {"text_to_image": 3.0, "understanding": 0.0, "editing": 0.0, "interleaved": 1.0},
@@ -91,6 +92,7 @@ def get_config(arg=None):
   config.data.shapes_num_train = 20_000
   config.data.shapes_num_test = 128
   config.data.shapes_exclude = [list(e) for e in EXCLUDED]
+  config.data.shapes_layout = lm_shapesworld.SHAPES_LAYOUT
   config.train.batch_size = 16
   config.train.steps = STEPS[stage]
   config.train.lr = LR[stage]

@@ -93,6 +93,31 @@ def test_shapesworld_is_deterministic_with_captions_and_answers():
   assert any(w in rel for w in ("above", "below", "to the left of", "to the right of"))
 
 
+def test_shapesworld_grid_layout_puts_each_shape_in_the_cell_its_caption_names():
+  src = shapesworld.ShapesWorldSource("train", 32, 200, seed=1, layout="grid")
+  for i in range(200):
+    shapes = src.scene(i)
+    cells = [s["cell"] for s in shapes]
+    assert len(set(cells)) == len(cells)
+    for s in shapes:
+      col, row = shapesworld.CELLS[s["cell"]]
+      r = shapesworld.SIZES[s["size"]] / 2
+      for v, c in ((s["x"], col), (s["y"], row)):
+        assert abs(v - shapesworld.GRID_CENTRES[c]) <= shapesworld.GRID_JITTER
+        assert r <= v + 1e-9 and v <= 1 - r + 1e-9  # inside the image
+      assert shapesworld.cell_of(s["x"], s["y"]) == s["cell"]
+    caption = src.caption(shapes)
+    assert all(shapesworld.describe(s, sized=len(shapes) == 1) in caption for s in shapes)
+  one = {"colour": "red", "kind": "circle", "size": "large", "cell": "top left"}
+  assert shapesworld.ShapesWorldSource.caption([one]) == "a large red circle at the top left"
+  # relations of cells: the diagonal neighbour below-right is "to the left of" (columns first)
+  two = [one, {"colour": "blue", "kind": "cross", "size": "small", "cell": "centre"}]
+  assert shapesworld.relation(*two) == "to the left of"
+  assert shapesworld.relation(two[1], {**one, "cell": "top"}) == "below"
+  with pytest.raises(ValueError, match="layout must be one of"):
+    shapesworld.ShapesWorldSource("train", 16, 10, layout="spiral")
+
+
 def test_shapesworld_excluded_combinations_only_in_heldout_split():
   ex = [("red", "circle"), ("blue", "square")]
   tr = shapesworld.ShapesWorldSource("train", 16, 300, exclude=ex)

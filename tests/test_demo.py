@@ -13,7 +13,7 @@ import sys
 import pytest
 from PIL import Image
 
-from starflow2_jax.demo import phases, run as demo_run, summary as summary_lib
+from starflow2_jax.demo import evaluate, phases, run as demo_run, summary as summary_lib
 from starflow2_jax.errors import UserError
 from starflow2_jax.eval import shapes_detector
 
@@ -63,7 +63,8 @@ def test_smoke_demo_writes_every_output_and_resumes(tmp_path, capsys):
   assert any(flags) and not all(flags)
   for p in prompts:
     assert set(p) == {"file", "caption", "excluded_combination"}
-    shapes_detector.parse_caption(p["caption"])
+    parsed = shapes_detector.parse_caption(p["caption"])
+    assert all(o["cell"] is not None for o in parsed["objects"])  # the demo's grid layout names cells
     with Image.open(os.path.join(t2i, p["file"])) as im:
       assert im.size == (32, 32) and im.mode == "RGB"
   qa = _jsonl(os.path.join(root, "eval", "qa.jsonl"))
@@ -77,6 +78,8 @@ def test_smoke_demo_writes_every_output_and_resumes(tmp_path, capsys):
 
   for name in phases.PHASES[1:6]:  # every training phase is an ordinary launch.train run
     assert os.path.isfile(os.path.join(root, name, "config.json"))
+    with open(os.path.join(root, name, "config.json")) as f:  # all on the scenes of one layout
+      assert json.load(f)["data"]["shapes_layout"] == "grid"
 
   again = demo_run.run(root, smoke=True)  # resumes: every phase is done, nothing runs again
   assert again["wall_seconds"] == summary["wall_seconds"]
@@ -85,3 +88,19 @@ def test_smoke_demo_writes_every_output_and_resumes(tmp_path, capsys):
   assert all(f"{name}: done (" in err and "), skipped" in err for name in phases.PHASES)
   with pytest.raises(UserError, match="holds a demo of size 'smoke'"):
     demo_run.run(root, smoke=False)
+
+
+def test_held_out_captions_name_cells_and_cover_every_excluded_combination():
+  from configs import starflow2_shapesworld
+  data = starflow2_shapesworld.get_config("stage=3").data
+  rows = evaluate.heldout_captions(data, 10)
+  assert len(rows) == 10 + len(starflow2_shapesworld.EXCLUDED) * 2 * len(evaluate.EXCLUDED_CELLS)
+  for row in rows:
+    objects = shapes_detector.parse_caption(row["caption"])["objects"]
+    assert all(o["cell"] for o in objects)
+    assert row["excluded_combination"] == any(
+        (o["colour"], o["kind"]) in starflow2_shapesworld.EXCLUDED for o in objects)
+  tail = [shapes_detector.parse_caption(r["caption"])["objects"][0] for r in rows[10:]]
+  assert {(o["colour"], o["kind"], o["size"], o["cell"]) for o in tail} == {
+      (c, k, z, cell) for c, k in starflow2_shapesworld.EXCLUDED for z in ("small", "large")
+      for cell in evaluate.EXCLUDED_CELLS}

@@ -1,5 +1,6 @@
-"""The lm task (issue 11 item 1): chat rows of ShapesWorld text, token-level CE as (sum, count), held-out
-CE / accuracy, and the export that the STARFlow2 task loads as its frozen VLM."""
+"""The lm task (issue 11 item 1): chat rows of ShapesWorld scenes (as captions, or as images for a vision
+tower), token-level CE as (sum, count), held-out CE / accuracy, and the export that the STARFlow2 task
+loads as its frozen VLM."""
 import os
 import sys
 
@@ -10,13 +11,16 @@ import pytest
 
 from starflow2_jax import parallel
 from starflow2_jax.data.pipeline import ELEMENT_KEY
+from starflow2_jax.data import shapesworld
 from starflow2_jax.data.shapesworld import ShapesWorldSource
 from starflow2_jax.errors import UserError
 from starflow2_jax.pretzel.loss import text_ce
 from starflow2_jax.train import lm_task, loop, tasks
 from starflow2_jax.train.pretzel_task import frozen_vlm, tokenizer_path
 from starflow2_jax.vlm.chat import load_vlm
+from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig
 from starflow2_jax.vlm.tokenizer import load_tokenizer
+from starflow2_jax.vlm.vision import VisionConfig, preprocess_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -62,6 +66,38 @@ def test_rows_supervise_only_the_assistant_and_shift_the_targets(rows):
   assert all(np.array_equal(held_out[k], transform(WORLD[3])[k]) for k in held_out)
 
 
+def test_rows_with_a_vision_tower_carry_the_image_as_its_tokens():
+  """A scene is a span of 4 x 4 <|image_pad|> (never targets) on its M-RoPE grid; patches are the Qwen
+  processor's of the record's image; image_index numbers the span's tokens."""
+  config = lm_shapesworld.get_config("smoke,vision")
+  vision = QwenConfig.from_config(config.model).vision
+  transform = lm_task.ChatRows(tokenizer_path("toy"), lm_shapesworld.MAX_LEN, None,
+                               np.ones(len(lm_task.FORMS)) / len(lm_task.FORMS), 0, vision, 32)
+  ids = transform.ids
+  world = shapesworld.from_config(config.data, "train")
+  for i in range(12):
+    record = {**world[i], ELEMENT_KEY: np.int64(i)}
+    row = transform(record)
+    pads = np.nonzero(row["tokens"] == ids.image_pad)[0]
+    assert len(pads) == 16 and np.array_equal(pads, np.arange(pads[0], pads[0] + 16))
+    assert row["tokens"][pads[0] - 1] == ids.vision_start and row["tokens"][pads[-1] + 1] == ids.vision_end
+    assert not row["target_mask"][pads[0] - 1:pads[-1] + 1].any()  # no image token is a target
+    assert np.array_equal(row["image_index"][pads], np.arange(16))
+    assert np.sum(row["image_index"] >= 0) == 16
+    p = row["positions"][pads]  # (t, h, w): one t, the 4 x 4 grid in raster order
+    assert len(set(p[:, 0])) == 1
+    assert np.array_equal(p[:, 1] - p[0, 1], np.repeat(np.arange(4), 4))
+    assert np.array_equal(p[:, 2] - p[0, 2], np.tile(np.arange(4), 4))
+    from PIL import Image
+    want, grid = preprocess_image(Image.fromarray(record["image"]), vision, 1024, 1024)
+    assert grid == (1, 8, 8) and np.array_equal(row["patches"], want)
+  with pytest.raises(UserError, match="expected 32x32 RGB images"):
+    transform(WORLD[0])  # an 8-px record
+  bad = VisionConfig(**{**lm_shapesworld.vision(), "fullatt_block_indexes": (0, 1)})
+  with pytest.raises(UserError, match="positive multiple of 8"):
+    lm_task.image_grid(bad, 36)
+
+
 def test_bad_inputs_name_the_field(tmp_path):
   config = lm_shapesworld.get_config("smoke")
   config.lm.forms = {"qa": 1.0, "poems": 1.0}
@@ -71,15 +107,16 @@ def test_bad_inputs_name_the_field(tmp_path):
   config.model.vocab_size = 100
   with pytest.raises(UserError, match=r"model.vocab_size >= "):
     tasks.build_task(config, parallel.make_mesh(config.mesh), parallel.logical_rules(config))
-  with pytest.raises(UserError, match="expected one of"):
+  with pytest.raises(UserError, match="expected comma-separated options"):
     lm_shapesworld.get_config("huge")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """The smoke lm run (a few steps) through the loop: its summary and workdir."""
+  """The smoke lm run of the vision-language model (a few steps) through the loop: its summary and
+  workdir."""
   workdir = str(tmp_path_factory.mktemp("lm"))
-  config = lm_shapesworld.get_config("smoke")
+  config = lm_shapesworld.get_config("smoke,vision")
   return loop.train_and_evaluate(config, workdir), workdir, config
 
 
@@ -90,12 +127,18 @@ def test_loss_and_held_out_metrics_are_token_level(trained):
   mesh = parallel.make_mesh(config.mesh)
   task = tasks.build_task(config, mesh, parallel.logical_rules(config))
   _, params, _ = load_vlm(summary["export"])
-  records = [ShapesWorldSource("test", 8, 8)[i] for i in range(8)]
-  batch = {k: jnp.asarray(np.stack([task.record_transform(r)[k] for r in records]))
-           for k in ("tokens", "targets", "target_mask", "positions")}
+  world = shapesworld.from_config(config.data, "test")
+  rows = [task.record_transform(world[i]) for i in range(8)]
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
   terms = task.loss_fn(params, None, batch, jax.random.key(0))
   model, _, _ = load_vlm(summary["export"])
-  logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"])["logits"]
+  # by hand: each row's image through the vision tower alone, its tokens at the row's image pads
+  x = model.apply({"params": params}, batch["tokens"], method=Qwen2_5_VL.embed)
+  for b, r in enumerate(rows):
+    tokens = model.apply({"params": params}, jnp.asarray(r["patches"]), ((1, 8, 8),),
+                         method=Qwen2_5_VL.encode_images)
+    x = x.at[b, np.nonzero(r["image_index"] >= 0)[0]].set(tokens)
+  logits = model.apply({"params": params}, embeds=x, positions=batch["positions"])["logits"]
   vocab = load_tokenizer(config.tokenizer if config.tokenizer != "toy" else tokenizer_path("toy"))
   ce = text_ce(logits, batch["targets"], vocab.get_vocab_size(with_added_tokens=True))
   mask = np.asarray(batch["target_mask"])
@@ -117,6 +160,8 @@ def test_export_is_the_starflow2_tasks_frozen_vlm(trained):
   config.vlm.checkpoint = summary["export"]
   mesh = parallel.make_mesh(config.mesh)
   _, frozen, qcfg = frozen_vlm(config, mesh, parallel.logical_rules(config), jax.random.key(0))
-  assert qcfg.hidden_size == lm_shapesworld.model()["hidden_size"]
+  assert qcfg.hidden_size == lm_shapesworld.model()["hidden_size"] and qcfg.vision is None
+  assert "visual" in params and set(frozen) == set(params) - {"visual"}  # STARFlow2 drops the tower
+  params = {k: v for k, v in params.items() if k != "visual"}
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(frozen)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -53,3 +53,12 @@ def test_refuses_to_overwrite_and_names_a_too_small_vocabulary(trained, tmp_path
     toy_tokenizer.train_tokenizer(["a"], str(tmp_path / "t.json"), vocab_size=100)
   out = toy_tokenizer.train_shapesworld_tokenizer(str(tmp_path / "sw.json"), num_records=20)
   assert special_tokens(load_tokenizer(out)).image_pad == QWEN_SPECIAL_TOKENS.index("<|image_pad|>")
+
+
+def test_grid_layout_texts_name_the_cells(tmp_path):
+  """The texts of the grid layout (the demo's) carry the cell names, which become whole-word tokens."""
+  texts = toy_tokenizer.shapesworld_texts(RECORDS, layout="grid")
+  assert any(" at the top left" in t for t in texts) and any(" at the centre" in t for t in texts)
+  tk = load_tokenizer(toy_tokenizer.train_tokenizer(texts, str(tmp_path / "tokenizer.json")))
+  caption = "a large red circle at the bottom right"
+  assert len(tk.encode(caption).ids) <= len(caption.split())

@@ -32,10 +32,10 @@ import grain
 import ml_collections
 import numpy as np
 
+from starflow2_jax.data import shapesworld
 from starflow2_jax.data.digits import DigitsSource
 from starflow2_jax.errors import UserError
 from starflow2_jax.data.folder import FolderSource
-from starflow2_jax.data.shapesworld import ShapesWorldSource
 from starflow2_jax.data.tfds_source import TfdsSource
 
 # Sources of upper packages, by data.name: "module:function", imported on demand (no import cycle).
@@ -64,6 +64,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "shapes_num_test": 1000,
       "shapes_seed": 0,
       "shapes_exclude": [],  # [[colour, kind], ...] kept out of the train split
+      "shapes_layout": "free",  # free | grid (shapes in named 3 x 3 grid cells: data/shapesworld.py)
   })
 
 
@@ -72,8 +73,7 @@ def build_source(data: ml_collections.ConfigDict, split: str):
   if data.name == "digits":
     return DigitsSource(split, data.image_size, data.channels)
   if data.name == "shapesworld":
-    n = data.shapes_num_train if split == "train" else data.shapes_num_test
-    return ShapesWorldSource(split, data.image_size, n, data.shapes_seed, data.shapes_exclude)
+    return shapesworld.from_config(data, split)
   if data.name == "folder":
     return FolderSource(data.dir, data.image_size, data.channels)
   if data.name == "tfds":

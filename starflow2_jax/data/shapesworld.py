@@ -2,12 +2,17 @@
 
 Each image shows 1-3 coloured shapes of several kinds and sizes on a plain background, with a caption
 ("a red circle above a blue square") and question-answer pairs ("what colour is the circle?" -> "red").
-Record i of a split is a pure function of (seed, split, i). Chosen (colour, kind) combinations can be
-excluded from the training split (rejection-sampled away) while the held-out split keeps them, to
-test compositional generalisation.
+Record i of a split is a pure function of (seed, split, i, layout).
+
+Layouts: "free" places each shape uniformly at random; "grid" puts each shape in its own cell of a 3 x 3
+grid (centres `GRID_CENTRES`, jittered by up to `GRID_JITTER`) and the caption names the cell ("a large
+red circle at the top left"), so that a caption determines its image up to the jitter: the layout of
+the STARFlow2 demo. Chosen (colour, kind) combinations can be excluded from the training split
+(rejection-sampled away) while the held-out split keeps them, to test compositional generalisation.
 
 Record: {"image": uint8 [S, S, 3], "label": int32 (kind of the first shape), "caption": str,
          "questions": list[str], "answers": list[str]}
+Scene: [{"colour", "kind", "size", "x", "y"}] (x right, y down, in [0, 1]), and "cell" in the grid layout.
 """
 from __future__ import annotations
 
@@ -23,6 +28,12 @@ SIZES = {"small": 0.22, "large": 0.38}  # shape extent as a fraction of the imag
 BACKGROUND = (90, 90, 90)
 SUPERSAMPLE = 4  # drawn at 4x and downsampled (antialiasing)
 NUMBERS = ("zero", "one", "two", "three")
+LAYOUTS = ("free", "grid")
+# grid cells by (column, row); a caption says "at the <cell>"
+CELLS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0, 1), "centre": (1, 1),
+         "right": (2, 1), "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
+GRID_CENTRES = (0.21, 0.5, 0.79)  # a large shape (extent 0.38) at an edge cell stays inside the image
+GRID_JITTER = 0.02  # uniform offset of a shape from its cell centre, on each axis
 _SPLIT_IDS = {"train": 0, "test": 1}
 _MAX_TRIES = 1000
 
@@ -40,12 +51,30 @@ def _draw(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fil
     d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
 
 
+def cell_of(x: float, y: float) -> str:
+  """The grid cell whose centre is nearest to (x, y)."""
+  col, row = (int(np.argmin(np.abs(np.asarray(GRID_CENTRES) - v))) for v in (x, y))
+  return next(name for name, cr in CELLS.items() if cr == (col, row))
+
+
 def relation(a: dict, b: dict) -> str:
-  """Where shape a is relative to shape b: "to the left of", "to the right of", "above" or "below"."""
-  dx, dy = b["x"] - a["x"], b["y"] - a["y"]
+  """Where shape a is relative to shape b: "to the left of", "to the right of", "above" or "below"
+  (of their cells where both have one: robust to the jitter; else of their centres)."""
+  if "cell" in a and "cell" in b:
+    (ca, ra), (cb, rb) = CELLS[a["cell"]], CELLS[b["cell"]]
+    dx, dy = cb - ca, rb - ra
+  else:
+    dx, dy = b["x"] - a["x"], b["y"] - a["y"]
   if abs(dx) >= abs(dy):
     return "to the left of" if dx > 0 else "to the right of"
   return "above" if dy > 0 else "below"
+
+
+def describe(s: dict, sized: bool = False) -> str:
+  """A shape in words: "a red circle", sized "a large red circle"; in a grid cell "... at the top"."""
+  size = f"{s['size']} " if sized else ""
+  where = f" at the {s['cell']}" if "cell" in s else ""
+  return f"a {size}{s['colour']} {s['kind']}{where}"
 
 
 class ShapesWorldSource:
@@ -57,12 +86,16 @@ class ShapesWorldSource:
     num_records: length of the split.
     seed: dataset seed (the same seed gives the same dataset on every machine).
     exclude: (colour, kind) pairs, e.g. [("red", "circle")], never present in the train split.
+    layout: "free" or "grid" (module docstring).
   """
 
   def __init__(self, split: str = "train", image_size: int = 32, num_records: int = 10000, seed: int = 0,
-               exclude=()):
+               exclude=(), layout: str = "free"):
     if split not in _SPLIT_IDS:
       raise UserError(f"shapesworld split must be one of {sorted(_SPLIT_IDS)}, found {split!r}")
+    if layout not in LAYOUTS:
+      raise UserError(f"shapesworld layout must be one of {LAYOUTS}, found {layout!r}")
+    self.layout = layout
     self.exclude = {tuple(e) for e in exclude}
     for c, k in self.exclude:
       if c not in COLOURS or k not in KINDS:
@@ -74,20 +107,27 @@ class ShapesWorldSource:
     return self.num_records
 
   def scene(self, i: int) -> list[dict]:
-    """The shapes of record i: [{"colour", "kind", "size", "x", "y"}] with x, y in [0, 1]."""
+    """The shapes of record i (module docstring)."""
     if not 0 <= i < self.num_records:
       raise IndexError(f"shapesworld {self.split} has {self.num_records} records, asked for {i}")
     rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], i])
     colours, sizes = list(COLOURS), list(SIZES)
     for _ in range(_MAX_TRIES):
       n = int(rng.integers(1, 4))
+      cells = list(rng.permutation(list(CELLS))[:n]) if self.layout == "grid" else [None] * n
       shapes = []
-      for _ in range(n):
+      for cell in cells:
         size = sizes[int(rng.integers(len(sizes)))]
-        r = SIZES[size] / 2
-        shapes.append({"colour": colours[int(rng.integers(len(colours)))],
-                       "kind": KINDS[int(rng.integers(len(KINDS)))], "size": size,
-                       "x": float(rng.uniform(r, 1 - r)), "y": float(rng.uniform(r, 1 - r))})
+        s = {"colour": colours[int(rng.integers(len(colours)))], "kind": KINDS[int(rng.integers(len(KINDS)))],
+             "size": size}
+        if cell is None:
+          r = SIZES[size] / 2
+          s.update(x=float(rng.uniform(r, 1 - r)), y=float(rng.uniform(r, 1 - r)))
+        else:
+          col, row = CELLS[cell]
+          x, y = (GRID_CENTRES[c] + float(rng.uniform(-GRID_JITTER, GRID_JITTER)) for c in (col, row))
+          s.update(x=x, y=y, cell=str(cell))
+        shapes.append(s)
       distinct = len({(s["colour"], s["kind"]) for s in shapes}) == n
       apart = all(max(abs(a["x"] - b["x"]), abs(a["y"] - b["y"])) > (SIZES[a["size"]] + SIZES[b["size"]]) / 2
                   for j, a in enumerate(shapes) for b in shapes[j + 1:])
@@ -99,13 +139,11 @@ class ShapesWorldSource:
 
   @staticmethod
   def caption(shapes: list[dict]) -> str:
-    def name(s):
-      return f"a {s['colour']} {s['kind']}"
     if len(shapes) == 1:
-      return f"a {shapes[0]['size']} {shapes[0]['colour']} {shapes[0]['kind']}"
+      return describe(shapes[0], sized=True)
     if len(shapes) == 2:
-      return f"{name(shapes[0])} {relation(shapes[0], shapes[1])} {name(shapes[1])}"
-    return f"{name(shapes[0])}, {name(shapes[1])} and {name(shapes[2])}"
+      return f"{describe(shapes[0])} {relation(shapes[0], shapes[1])} {describe(shapes[1])}"
+    return f"{describe(shapes[0])}, {describe(shapes[1])} and {describe(shapes[2])}"
 
   @staticmethod
   def qa(shapes: list[dict]) -> tuple[list[str], list[str]]:
@@ -135,3 +173,11 @@ class ShapesWorldSource:
     qs, ans = self.qa(shapes)
     return {"image": self.render(shapes), "label": np.int32(KINDS.index(shapes[0]["kind"])),
             "caption": self.caption(shapes), "questions": qs, "answers": ans}
+
+
+def from_config(data, split: str) -> ShapesWorldSource:
+  """The split of a data config's ShapesWorld (data.image_size, shapes_num_train / shapes_num_test,
+  shapes_seed, shapes_exclude, shapes_layout)."""
+  n = data.shapes_num_train if split == "train" else data.shapes_num_test
+  return ShapesWorldSource(split, int(data.image_size), int(n), int(data.shapes_seed), data.shapes_exclude,
+                           data.get("shapes_layout", "free"))

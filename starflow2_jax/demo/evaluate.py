@@ -8,8 +8,9 @@
   eval/scores.json                          prompt following by attribute and QA accuracy by type
 
 Held-out captions (`heldout_captions`): the captions of the first test-split scenes, then every
-single-object caption of an excluded (colour, kind) combination (the test split keeps those
-combinations, the training split never shows them). Questions: every QA pair of the first test scenes.
+single-object caption of an excluded (colour, kind) combination in each size (the test split keeps those
+combinations, the training split never shows them; in the grid layout at each of `EXCLUDED_CELLS`).
+Questions: every QA pair of the first test scenes.
 """
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ import os
 import numpy as np
 from PIL import Image
 
-from starflow2_jax.data.shapesworld import SIZES, ShapesWorldSource
+from starflow2_jax.data import shapesworld
+from starflow2_jax.data.shapesworld import SIZES, ShapesWorldSource, describe
 from starflow2_jax.eval import metrics, shapes_detector
 from starflow2_jax.pretzel.examples import ShapesWorldExamples
 
 PROMPTS_FILE = "prompts.jsonl"
 QA_FILE = "qa.jsonl"
 SCORES_FILE = "scores.json"
+EXCLUDED_CELLS = ("top left", "centre", "bottom right")
 HTML_SCALE = 4  # documents show the 32-px images enlarged (nearest neighbour)
 
 
@@ -39,8 +42,7 @@ def excluded_combination(caption: str, excluded) -> bool:
 
 
 def test_world(data) -> ShapesWorldSource:
-  return ShapesWorldSource("test", int(data.image_size), int(data.shapes_num_test), int(data.shapes_seed),
-                           data.shapes_exclude)
+  return shapesworld.from_config(data, "test")
 
 
 def heldout_captions(data, num: int) -> list[dict]:
@@ -49,7 +51,9 @@ def heldout_captions(data, num: int) -> list[dict]:
   world = test_world(data)
   excluded = [tuple(e) for e in data.shapes_exclude]
   captions = [ShapesWorldSource.caption(world.scene(i)) for i in range(min(num, len(world)))]
-  captions += [f"a {size} {c} {k}" for c, k in excluded for size in SIZES]
+  cells = [{"cell": c} for c in EXCLUDED_CELLS] if world.layout == "grid" else [{}]
+  captions += [describe({"colour": c, "kind": k, "size": size, **cell}, sized=True)
+               for c, k in excluded for size in SIZES for cell in cells]
   return [{"caption": c, "excluded_combination": excluded_combination(c, excluded)} for c in captions]
 
 

@@ -69,9 +69,13 @@ class TrainPhase:
   arg: str | None
   overrides: Callable[[], dict[str, Any]]
 
-  def build(self) -> ml_collections.ConfigDict:
+  def base(self) -> ml_collections.ConfigDict:
+    """The config file's config, before the overrides."""
     module = importlib.import_module(self.config[:-len(".py")].replace("/", "."))
-    config = module.get_config(self.arg)
+    return module.get_config(self.arg)
+
+  def build(self) -> ml_collections.ConfigDict:
+    config = self.base()
     for key, value in self.overrides().items():
       set_field(config, key, value)
     return config
@@ -111,13 +115,19 @@ def train_phases(layout: Layout, smoke: bool) -> list[TrainPhase]:
       return o
     return overrides
 
-  phases = [TrainPhase("lm", "configs/lm_shapesworld.py", size, lambda: dict(tok)),
-            TrainPhase("fae", "configs/fae_shapesworld.py", None,
-                       lambda: dict(FAE_SMOKE if smoke else FAE_FULL))]
-  for n in STAGES:
-    arg = f"stage={n}" + (",smoke" if smoke else "")
-    phases.append(TrainPhase(f"stage{n}", "configs/starflow2_shapesworld.py", arg, stage_overrides(n)))
-  return phases
+  stages = [TrainPhase(f"stage{n}", "configs/starflow2_shapesworld.py",
+                       f"stage={n}" + (",smoke" if smoke else ""), stage_overrides(n)) for n in STAGES]
+  world = {"data.shapes_layout": shapes_layout(stages)}  # the FAE learns the scenes the flow sees
+  return [TrainPhase("lm", "configs/lm_shapesworld.py", size, lambda: dict(tok)),
+          TrainPhase("fae", "configs/fae_shapesworld.py", None,
+                     lambda: {**(FAE_SMOKE if smoke else FAE_FULL), **world}),
+          *stages]
+
+
+def shapes_layout(phases: list[TrainPhase]) -> str:
+  """The ShapesWorld layout of the STARFlow2 stages (data.shapes_layout), which the tokenizer's and the
+  FAE's training text and images follow."""
+  return next(p for p in phases if p.name.startswith("stage")).base().data.shapes_layout
 
 
 PHASES = ("tokenizer", "lm", "fae", "stage1", "stage2", "stage3", "eval")

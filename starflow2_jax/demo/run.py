@@ -74,7 +74,8 @@ def run(workdir: str, smoke: bool = False) -> dict:
     if name == "tokenizer":
       _say(f"[{k}/{total}] tokenizer: the toy BPE on ShapesWorld text -> {layout.tokenizer}")
       if not os.path.exists(layout.tokenizer):
-        state.run(name, lambda: toy_tokenizer.train_shapesworld_tokenizer(layout.tokenizer))
+        state.run(name, lambda: toy_tokenizer.train_shapesworld_tokenizer(
+            layout.tokenizer, layout=phases_lib.shapes_layout(list(train.values()))))
       else:
         state.run(name, lambda: None)
     elif name in train:

@@ -7,7 +7,8 @@ summary.json = {
   "lm": {"text_ce", "perplexity", "token_accuracy", "answer_exact"} (held out),
   "fae_psnr": held-out FAE reconstruction PSNR (dB),
   "prompt_following": {"overall" | "single_object" | "excluded_combination":
-                       {"colour", "kind", "size", "count", "relation", "all": accuracy or None, "num"}},
+                       {"colour", "kind", "size", "count", "relation", "position", "all": accuracy
+                        or None, "num"}},
   "qa": {"count", "colour", "kind", "overall": accuracy, "num"},
   "stages": {stage: its held-out metrics}}
 """
@@ -17,8 +18,9 @@ import json
 import math
 import os
 
+from starflow2_jax.eval.shapes_detector import ATTRIBUTES
+
 SUMMARY_FILE = "summary.json"
-ATTRIBUTES = ("colour", "kind", "size", "count", "relation", "all")
 GROUPS = ("overall", "single_object", "excluded_combination")
 QA_TYPES = ("count", "colour", "kind", "overall")
 

@@ -18,9 +18,9 @@ bounding boxes never overlap):
 
 Scores (for `launch.evaluate --metric=shapes|qa` and the demo):
   `parse_caption(caption)` inverts the caption grammar; `score_caption(caption, detections)` ->
-  {"colour", "kind", "size", "count", "relation", "all"} (True/False, None where the caption says
-  nothing about it); `prompt_following(rows)` aggregates accuracies per attribute, overall, for
-  single-object captions and for excluded (colour, kind) combinations; `qa_accuracy(rows)` gives QA
+  {"colour", "kind", "size", "count", "relation", "position", "all"} (True/False, None where the
+  caption says nothing about it); `prompt_following(rows)` aggregates accuracies per attribute, overall,
+  for single-object captions and for excluded (colour, kind) combinations; `qa_accuracy(rows)` gives QA
   accuracy by question type (count, colour, kind).
 """
 from __future__ import annotations
@@ -172,35 +172,34 @@ def relation(a: dict, b: dict) -> str:
 _COLOUR = "|".join(sw.COLOURS)
 _KIND = "|".join(sw.KINDS)
 _SIZE = "|".join(sw.SIZES)
+_CELL = "|".join(sorted(sw.CELLS, key=len, reverse=True))  # "top left" before "top"
 _RELATIONS = ("to the left of", "to the right of", "above", "below")
-_OBJ = rf"a ({_COLOUR}) ({_KIND})"
+_OBJ = rf"a (?:({_SIZE}) )?({_COLOUR}) ({_KIND})(?: at the ({_CELL}))?"  # groups: size, colour, kind, cell
 _CAPTIONS = (
-    (re.compile(rf"^a ({_SIZE}) ({_COLOUR}) ({_KIND})$"), "one"),
-    (re.compile(rf"^{_OBJ} ({'|'.join(_RELATIONS)}) {_OBJ}$"), "two"),
-    (re.compile(rf"^{_OBJ}, {_OBJ} and {_OBJ}$"), "three"),
+    (re.compile(rf"^{_OBJ}$"), 1),
+    (re.compile(rf"^{_OBJ} ({'|'.join(_RELATIONS)}) {_OBJ}$"), 2),
+    (re.compile(rf"^{_OBJ}, {_OBJ} and {_OBJ}$"), 3),
 )
-ATTRIBUTES = ("colour", "kind", "size", "count", "relation", "all")
+ATTRIBUTES = ("colour", "kind", "size", "count", "relation", "position", "all")
 
 
 def parse_caption(caption: str) -> dict:
-  """A ShapesWorld caption -> {"objects": [{"colour", "kind", "size" (or None)}], "relation": str or
-  None} (the relation of the first object to the second)."""
+  """A ShapesWorld caption -> {"objects": [{"colour", "kind", "size", "cell"}] (size and cell None where
+  the caption names none), "relation": str or None} (the relation of the first object to the second)."""
   text = caption.strip().lower()
-  for pattern, form in _CAPTIONS:
+  for pattern, n in _CAPTIONS:
     m = pattern.match(text)
-    if not m:
+    if not m or (n == 1) != (m.group(1) is not None):  # a size in single-object captions only
       continue
-    g = m.groups()
-    if form == "one":
-      return {"objects": [{"colour": g[1], "kind": g[2], "size": g[0]}], "relation": None}
-    if form == "two":
-      return {"objects": [{"colour": g[0], "kind": g[1], "size": None},
-                          {"colour": g[3], "kind": g[4], "size": None}], "relation": g[2]}
-    return {"objects": [{"colour": g[2 * i], "kind": g[2 * i + 1], "size": None} for i in range(3)],
-            "relation": None}
+    g = list(m.groups())
+    relation_ = g.pop(4) if n == 2 else None
+    objects = [dict(zip(("size", "colour", "kind", "cell"), g[4 * i:4 * i + 4])) for i in range(n)]
+    if len({o["cell"] is None for o in objects}) > 1 or any(o["size"] for o in objects[1:]):
+      continue
+    return {"objects": objects, "relation": relation_}
   raise UserError(f"caption {caption!r} is not in the ShapesWorld grammar (\"a small red circle\", "
                   "\"a red circle above a blue square\", \"a red circle, a blue square and a green "
-                  "cross\")")
+                  "cross\", each shape optionally \"... at the top left\")")
 
 
 def score_caption(caption: str, detections: list[dict]) -> dict:
@@ -208,10 +207,14 @@ def score_caption(caption: str, detections: list[dict]) -> dict:
 
   colour / kind: the multisets of colours / kinds agree; size: the one object's size (single-object
   captions); count: the number of objects; relation: two objects of the caption's (colour, kind) are
-  found in the caption's relation (two-object captions); all: the (colour, kind) multisets agree and
-  every applicable attribute is right."""
+  found in the caption's relation (two-object captions); position: each object of the caption has a
+  detection of its (colour, kind) in its grid cell (`data.shapesworld.cell_of`; captions naming cells);
+  all: the (colour, kind) multisets agree and every applicable attribute is right."""
   parsed = parse_caption(caption)
   want = parsed["objects"]
+  gridded = want[0]["cell"] is not None
+  if gridded:  # relations between cells, as the grid layout's captions state them
+    detections = [{**d, "cell": sw.cell_of(d["x"], d["y"])} for d in detections]
   same = lambda key: Counter(o[key] for o in want) == Counter(d[key] for d in detections)
   pairs = Counter((o["colour"], o["kind"]) for o in want) == Counter(
       (d["colour"], d["kind"]) for d in detections)
@@ -224,8 +227,12 @@ def score_caption(caption: str, detections: list[dict]) -> dict:
               for a, b in itertools.permutations(detections, 2)
               if (a["colour"], a["kind"]) == (want[0]["colour"], want[0]["kind"])
               and (b["colour"], b["kind"]) == (want[1]["colour"], want[1]["kind"]))
+  position = None
+  if gridded:
+    position = all(any((d["colour"], d["kind"], d["cell"]) == (o["colour"], o["kind"], o["cell"])
+                       for d in detections) for o in want)
   scores = {"colour": same("colour"), "kind": same("kind"), "size": size,
-            "count": len(detections) == len(want), "relation": rel}
+            "count": len(detections) == len(want), "relation": rel, "position": position}
   scores["all"] = pairs and all(v for v in scores.values() if v is not None)
   return scores
 

@@ -27,9 +27,9 @@ import os
 import ml_collections
 import numpy as np
 
-from starflow2_jax.data import pipeline
+from starflow2_jax.data import pipeline, shapesworld
 from starflow2_jax.data.folder import INDEX_FILE, FolderSource
-from starflow2_jax.data.shapesworld import SIZES, ShapesWorldSource, relation
+from starflow2_jax.data.shapesworld import SIZES, ShapesWorldSource, describe, relation
 from starflow2_jax.data.tfds_source import TfdsSource
 from starflow2_jax.errors import UserError
 from starflow2_jax.pretzel.sequence import KINDS
@@ -63,14 +63,6 @@ def default_data_config() -> ml_collections.ConfigDict:
   return data
 
 
-def _name(s: dict) -> str:
-  return f"a {s['colour']} {s['kind']}"
-
-
-def _sized(s: dict) -> str:
-  return f"a {s['size']} {s['colour']} {s['kind']}"
-
-
 def shapes_understanding(shapes: list[dict], rng: np.random.Generator) -> tuple[str, str]:
   """(question, answer): one of the scene's QA pairs or the captioning question, uniformly."""
   qs, ans = ShapesWorldSource.qa(shapes)
@@ -92,22 +84,22 @@ def shapes_edit(shapes: list[dict], rng: np.random.Generator) -> tuple[str, list
     return f"make the {s['colour']} {s['kind']} {other}.", shapes, [_resized(s, other)]
   last = shapes[-1]
   if rng.random() < 0.5:
-    return f"add {_name(last)}.", shapes[:-1], shapes
+    return f"add {describe(last)}.", shapes[:-1], shapes
   return f"remove the {last['colour']} {last['kind']}.", shapes, shapes[:-1]
 
 
 def shapes_interleaved(shapes: list[dict], more: list[dict]) -> tuple[str, list, list[list[dict]]]:
   """(prompt, parts, the scene of each image): `shapes` drawn one shape at a time; a one-shape scene
   continues with the scene `more` (the next record's)."""
-  parts, scenes = [f"here is {_sized(shapes[0])}:", 0], [shapes[:1]]
+  parts, scenes = [f"here is {describe(shapes[0], sized=True)}:", 0], [shapes[:1]]
   if len(shapes) == 1:
     parts += [f" and here is {ShapesWorldSource.caption(more)}:", 1]
     scenes.append(more)
-    prompt = f"draw {_sized(shapes[0])}, then {ShapesWorldSource.caption(more)}."
+    prompt = f"draw {describe(shapes[0], sized=True)}, then {ShapesWorldSource.caption(more)}."
   else:
     for m, s in enumerate(shapes[1:], 1):
-      text = (f" and here it is {relation(shapes[0], s)} {_name(s)}:" if m == 1 else
-              f" and now with {_name(s)} too:")
+      text = (f" and here it is {relation(shapes[0], s)} {describe(s)}:" if m == 1 else
+              f" and now with {describe(s)} too:")
       parts += [text, m]
       scenes.append(shapes[:m + 1])
     prompt = f"draw {ShapesWorldSource.caption(shapes)}, one shape at a time."
@@ -254,8 +246,7 @@ def kind_sources(data: ml_collections.ConfigDict, split: str, kinds) -> tuple[di
   """-> ({kind: source} for `kinds`, the base source's length)."""
   base = data.examples_from
   if base == "shapesworld":
-    n = data.shapes_num_train if split == "train" else data.shapes_num_test
-    world = ShapesWorldSource(split, data.image_size, n, data.shapes_seed, data.shapes_exclude)
+    world = shapesworld.from_config(data, split)
     return {k: ShapesWorldExamples(world, k, data.shapes_seed) for k in kinds}, len(world)
   if base == "folder":
     src = CaptionFolder(data.dir, data.image_size)

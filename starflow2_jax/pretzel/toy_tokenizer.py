@@ -50,11 +50,12 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int = DEFAU
   return out_path
 
 
-def shapesworld_texts(num_records: int = DEFAULT_RECORDS, seed: int = 0, exclude=()) -> list[str]:
+def shapesworld_texts(num_records: int = DEFAULT_RECORDS, seed: int = 0, exclude=(),
+                      layout: str = "free") -> list[str]:
   """Every text the Pretzel ShapesWorld examples use on the first `num_records` training scenes:
   captions, questions, answers, editing instructions, interleaved prompts and parts, the default
   system prompt and the captioning question (no image is rendered)."""
-  world = ShapesWorldSource("train", 8, num_records, seed, exclude)
+  world = ShapesWorldSource("train", 8, num_records, seed, exclude, layout)
   texts = [DEFAULT_SYSTEM, CAPTION_QUESTION, "system\n", "user\n", "assistant\n"]
   drawn = [ShapesWorldExamples(world, kind, seed) for kind in ("editing", "interleaved")]
   for i in range(num_records):
@@ -69,6 +70,8 @@ def shapesworld_texts(num_records: int = DEFAULT_RECORDS, seed: int = 0, exclude
 
 
 def train_shapesworld_tokenizer(out_path: str, vocab_size: int = DEFAULT_VOCAB,
-                                num_records: int = DEFAULT_RECORDS, seed: int = 0, exclude=()) -> str:
-  """The toy tokenizer: `train_tokenizer` on `shapesworld_texts`; returns out_path."""
-  return train_tokenizer(shapesworld_texts(num_records, seed, exclude), out_path, vocab_size)
+                                num_records: int = DEFAULT_RECORDS, seed: int = 0, exclude=(),
+                                layout: str = "free") -> str:
+  """The toy tokenizer: `train_tokenizer` on `shapesworld_texts` (of ShapesWorld's `layout`); returns
+  out_path."""
+  return train_tokenizer(shapesworld_texts(num_records, seed, exclude, layout), out_path, vocab_size)

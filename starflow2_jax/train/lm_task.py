@@ -1,12 +1,16 @@
-"""The language-model task (`model_kind: lm`): a Qwen2.5-architecture language model (`vlm.model.Qwen2_5_VL`,
-text only, `config.model` = its QwenConfig fields) pretrained by next-token prediction on chat-formatted
-ShapesWorld text; its export is the frozen VLM of the STARFlow2 demo (`config.vlm.checkpoint`).
+"""The language-model task (`model_kind: lm`): a Qwen2.5-VL-architecture model (`vlm.model.Qwen2_5_VL`,
+`config.model` = its QwenConfig fields, with or without a vision tower) pretrained by next-token
+prediction on chat-formatted ShapesWorld scenes; its export is the frozen VLM of the STARFlow2 demo
+(`config.vlm.checkpoint`).
 
-Records: ShapesWorld records (data.name = "shapesworld": caption, questions, answers; the image is not
-used). Each record becomes one chat conversation in the Qwen2.5 template of the Pretzel sequences
-(STARFLOW2.md 4.2; system turn data.system_prompt), of a form drawn from (train.seed, the record's stream
-position; held-out records: its caption), where a scene appears as its caption inside a vision span
-(`<|vision_start|>caption<|vision_end|>`, the place the Pretzel sequences put an image's latents):
+Records: ShapesWorld records (data.name = "shapesworld": image, caption, questions, answers). Each
+record becomes one chat conversation in the Qwen2.5 template of the Pretzel sequences (STARFLOW2.md 4.2;
+system turn data.system_prompt), of a form drawn from (train.seed, the record's stream position;
+held-out records: its caption), where a scene appears as a vision span (the place the Pretzel sequences
+put an image's latents): with a vision tower (model.vision) the image itself,
+`<|vision_start|><|image_pad|> x n<|vision_end|>` filled with the tower's n merged image tokens (a
+vision-language model, as Qwen2.5-VL); without one, its caption (`<|vision_start|>caption<|vision_end|>`,
+a text-only model):
   qa           user: [scene] question          assistant: answer
   caption      user: [scene] CAPTION_QUESTION  assistant: caption
   draw         user: caption                   assistant: [scene]
@@ -15,15 +19,18 @@ opening a vision span when asked to draw; `config.lm.forms` weighs the forms.
 
 Batch (`ChatRows`, L = data.max_len): tokens, targets (tokens shifted left, pad at the end) int32 [b, L],
 target_mask bool [b, L] (assistant text, its closing <|im_end|> and an assistant span's
-<|vision_start|> and text; never the forced <|vision_end|>, system or user tokens, pads), positions
-int32 [b, L, 3] (1-D text positions on the three M-RoPE axes, pads 0).
+<|vision_start|> and caption; never image tokens, the forced <|vision_end|>, system or user tokens,
+pads), positions int32 [b, L, 3] (M-RoPE: text 1-D on the three axes, an image span on its merged grid;
+pads 0); with a vision tower also patches float32 [b, N, C*T*P*P] (the record's image as Qwen's
+processor patchifies it, CLIP-normalised, at data.image_size) and image_index int32 [b, L] (the k-th
+image token of the row at its k-th <|image_pad|>, -1 elsewhere).
 
 Loss: "ntp" = (sum over supervised tokens of -log softmax(logits)[target], their count) (`pretzel.loss.
 text_ce`; logit rows past the tokenizer's vocabulary never predicted). Held-out: text_ce (nats/token,
 perplexity = exp(text_ce)), token_accuracy (greedy next-token) and answer_exact (per conversation: every
 supervised token right). Parameter groups: the model's top-level modules (embed_tokens, layers, norm,
-lm_head). The export (WORKDIR/params_<step>/, {"params": the Qwen tree} with this config) loads with
-`vlm.chat.load_vlm`.
+lm_head, visual). The export (WORKDIR/params_<step>/, {"params": the Qwen tree} with this config) loads with
+`vlm.chat.load_vlm`; STARFlow2 drops its vision tower (the flow stream's adapter replaces it).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from starflow2_jax.data.pipeline import ELEMENT_KEY
 from starflow2_jax.errors import UserError
@@ -44,6 +52,7 @@ from starflow2_jax.train.task import Task
 from starflow2_jax.vlm import tokenizer as tok_lib
 from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig
 from starflow2_jax.vlm.positions import mrope_positions
+from starflow2_jax.vlm.vision import VisionConfig, preprocess_image
 
 FORMS = ("qa", "caption", "draw")
 _FORM_STREAM = 3  # sub-stream of the (seed, element, stream) draws (the pipeline's flip is 1)
@@ -66,12 +75,15 @@ def _form_weights(lm: ml_collections.ConfigDict) -> np.ndarray:
 
 class ChatRows:
   """The grain record transform: a ShapesWorld record -> one chat row (module docstring). Picklable:
-  the tokenizer is loaded from `tokenizer_path` in each process."""
+  the tokenizer is loaded from `tokenizer_path` in each process. vision: the tower's config (scenes as
+  images of side image_size) or None (scenes as captions)."""
 
   def __init__(self, tokenizer_path: str, max_len: int, system_prompt: str | None, forms: np.ndarray,
-               seed: int):
+               seed: int, vision: VisionConfig | None = None, image_size: int = 0):
     self.tokenizer_path, self.max_len, self.system = tokenizer_path, int(max_len), system_prompt
     self.p, self.seed = np.asarray(forms, np.float64), int(seed)
+    self.vision, self.image_size = vision, int(image_size)
+    self.grid = image_grid(vision, self.image_size) if vision is not None else None
     self._tk = None
     self.ids: SpecialTokens = special_tokens(self.tokenizer)  # fails early on a tokenizer without them
 
@@ -118,6 +130,9 @@ class ChatRows:
       for p in parts:
         if isinstance(p, str):
           out.append((self._encode(p), sup))
+        elif self.grid is not None:  # the image's tokens: inputs, never targets
+          out += [([ids.vision_start], sup), ([ids.image_pad] * (self.grid[0] * self.grid[1]), False),
+                  ([ids.vision_end], False)]
         else:
           out += [([ids.vision_start], sup), (self._encode(p[1]), sup), ([ids.vision_end], False)]
       out.append(([ids.im_end], sup))
@@ -139,8 +154,28 @@ class ChatRows:
     row["tokens"][:n] = tokens
     row["targets"][:n - 1] = tokens[1:]
     row["target_mask"][:n - 1] = supervised[1:]
-    row["positions"][:n] = mrope_positions(tokens[None], None, [], self.ids.image_pad)[0][0]
+    grids = [self.grid] if self.grid is not None else []
+    row["positions"][:n] = mrope_positions(tokens[None], None, grids, self.ids.image_pad)[0][0]
+    if self.grid is not None:
+      image = np.asarray(record["image"], np.uint8)
+      if image.shape != (self.image_size, self.image_size, 3):
+        raise UserError(f"lm task with a vision tower: expected {self.image_size}x{self.image_size} RGB "
+                        f"images (data.image_size), found shape {list(image.shape)}")
+      pixels = self.image_size ** 2  # Qwen's processor at exactly this size: no resize
+      row["patches"] = preprocess_image(Image.fromarray(image), self.vision, pixels, pixels)[0]
+      is_image = tokens == self.ids.image_pad
+      row["image_index"] = np.full(length, -1, np.int32)
+      row["image_index"][:n][is_image] = np.arange(int(is_image.sum()), dtype=np.int32)
     return row
+
+
+def image_grid(vision: VisionConfig, image_size: int) -> tuple[int, int]:
+  """The language-model grid (h, w) of merged image tokens of an image_size square image."""
+  factor = vision.patch_size * vision.spatial_merge_size
+  if image_size <= 0 or image_size % factor:
+    raise UserError(f"data.image_size={image_size}: the vision tower (patch_size {vision.patch_size} x "
+                    f"spatial_merge_size {vision.spatial_merge_size}) needs a positive multiple of {factor}")
+  return image_size // factor, image_size // factor
 
 
 def _check(config: ml_collections.ConfigDict, qcfg: QwenConfig, vocab: int) -> None:
@@ -151,7 +186,10 @@ def _check(config: ml_collections.ConfigDict, qcfg: QwenConfig, vocab: int) -> N
     raise UserError(f"the tokenizer ({config.tokenizer}) has {vocab} tokens, but model.vocab_size is "
                     f"{qcfg.vocab_size}; set model.vocab_size >= {vocab}")
   if qcfg.vision is not None:
-    raise UserError("model.vision: the lm task trains a text-only language model; set it to None")
+    image_grid(qcfg.vision, int(config.data.image_size))
+    if qcfg.vision.out_hidden_size != qcfg.hidden_size:
+      raise UserError(f"model.vision.out_hidden_size={qcfg.vision.out_hidden_size}: the image tokens enter "
+                      f"the language model, so it must equal model.hidden_size={qcfg.hidden_size}")
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Task:
@@ -162,15 +200,33 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
   vocab = tokenizer.get_vocab_size(with_added_tokens=True)
   _check(config, qcfg, vocab)
   model = Qwen2_5_VL(qcfg)
+  vision = qcfg.vision
   transform = ChatRows(tk_path, int(config.data.max_len), config.data.system_prompt,
-                       _form_weights(config.lm), int(config.train.seed))
+                       _form_weights(config.lm), int(config.train.seed), vision, int(config.data.image_size))
 
   def init_fn(rng):
-    return model.init(rng, jnp.zeros((1, 1), jnp.int32), positions=jnp.zeros((1, 1, 3), jnp.int32))["params"]
+    return model.init(rng, jnp.zeros((1, 1), jnp.int32), positions=jnp.zeros((1, 1, 3), jnp.int32),
+                      method=Qwen2_5_VL.init_all)["params"]
+
+  def image_inputs(params, batch) -> dict:
+    """The vision tower's tokens of every row's image and where they go (module docstring)."""
+    if vision is None:
+      return {}
+    b = batch["patches"].shape[0]
+    h, w = transform.grid
+    m = vision.spatial_merge_size
+    # image by image (vmap): the tower's attention over one image's patches, not a masked [b N, b N] one
+    embeds = jax.vmap(lambda p: model.apply({"params": params}, p, ((1, h * m, w * m),),
+                                            method=Qwen2_5_VL.encode_images))(batch["patches"])
+    embeds = embeds.reshape(b * h * w, -1)  # [b * h * w, d], row-major over the batch
+    index = batch["image_index"]
+    return {"image_embeds": embeds,
+            "image_index": jnp.where(index >= 0, index + h * w * jnp.arange(b)[:, None], -1)}
 
   def per_token(params, batch):
     """-> (CE [b, L], greedy prediction right [b, L], supervised [b, L])."""
-    logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"])["logits"]
+    logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                         **image_inputs(params, batch))["logits"]
     ce = text_ce(logits, batch["targets"], vocab)
     guess = jnp.argmax(jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf), axis=-1)
     return ce, guess == batch["targets"], batch["target_mask"]
