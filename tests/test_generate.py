@@ -276,3 +276,15 @@ def test_prompt_longer_than_cache():
 
   with pytest.raises(UserError, match="sample.cache_len=20"):
     prompts.batch(Builder(), [np.arange(15, dtype=np.int32)], cache_len=20, max_new_tokens=8)
+
+
+def test_document_parts_leave_out_an_image_cut_off_by_max_new_tokens():
+  """A document's parts list only finished images: one cut off by max_new_tokens has no decoded image
+  (`num_images` counts finished ones), so its index would point past the images."""
+  from starflow2_jax.generate.api import document_parts
+  dec = lambda t: "".join(chr(97 + i % 26) for i in t)  # noqa: E731
+  start, end, pad = SP.vision_start, SP.vision_end, SP.image_pad
+  assert document_parts([1, 2, start, pad, pad, end, 3, start, pad], SP, dec) == ["bc", 0, "d"]
+  assert document_parts([pad, pad, end, 4, start, pad, pad, end], SP, dec, in_image=True) == [0, "e", 1]
+  assert document_parts([pad], SP, dec, in_image=True) == []
+  assert document_parts([5, SP.im_end], SP, dec) == ["f" + dec([SP.im_end])]

@@ -92,6 +92,34 @@ def prompt_transform(config: ml_collections.ConfigDict, cfg: pconfig.PretzelConf
   return PretzelTransform(spec, tokenizer_path)
 
 
+def document_parts(ids: Sequence[int], specials, decode, in_image: bool = False) -> list:
+  """Generated ids -> the document: text pieces (str, from decode(ids), empty ones dropped) and image
+  indices (int: the k-th generated image), in order. in_image: the prompt ended with <|vision_start|>
+  (the ids begin with image 0's latents). An image cut off by max_new_tokens (no <|vision_end|>) is left
+  out: it is not among the finished images that `run` decodes."""
+  parts, text, k, inside = ([0], [], 1, True) if in_image else ([], [], 0, False)
+
+  def flush():
+    piece = decode(text) if text else ""
+    if piece:
+      parts.append(piece)
+
+  for i in ids:
+    if i == specials.vision_start:
+      flush()
+      text, inside = [], True
+      parts.append(k)
+      k += 1
+    elif i == specials.vision_end:
+      inside = False
+    elif not inside:
+      text.append(i)
+  flush()
+  if inside:
+    parts.pop()  # the unfinished image's index
+  return parts
+
+
 @dataclasses.dataclass
 class Generator:
   """A loaded STARFlow2 model: the Pretzel (`model`, `params`), the frozen VLM and FAE, the prompt
@@ -250,23 +278,9 @@ class Generator:
     return out
 
   def parts(self, ids: Sequence[int], in_image: bool = False) -> list:
-    """Generated ids -> the document: text pieces (str, specials dropped) and image indices (int), in
-    order. in_image: the prompt ended with <|vision_start|> (the ids begin with image 0's latents)."""
-    sp = self.cfg.specials
-    parts, text, k, inside = ([0], [], 1, True) if in_image else ([], [], 0, False)
-    for i in list(ids) + [sp.vision_start]:
-      if i == sp.vision_start:
-        piece = self.builder.tk.decode(text, skip_special_tokens=True)
-        if piece:
-          parts.append(piece)
-        text, inside = [], True
-        parts.append(k)
-        k += 1
-      elif i == sp.vision_end:
-        inside = False
-      elif not inside:
-        text.append(i)
-    return parts[:-1]
+    """`document_parts` of generated ids with this generator's specials and tokenizer."""
+    decode = lambda t: self.builder.tk.decode(t, skip_special_tokens=True)  # noqa: E731
+    return document_parts(ids, self.cfg.specials, decode, in_image)
 
   def _images(self, batch: dict, res: dict, u_images, s: dict, jac) -> list:
     """Every generated image: shallow inversion, denoising, FAE decode -> [[float32 [S, S, 3]] per row]."""
