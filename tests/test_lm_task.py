@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from starflow2_jax import parallel
-from starflow2_jax.data.pipeline import ELEMENT_KEY
 from starflow2_jax.data import shapesworld
+from starflow2_jax.data.pipeline import ELEMENT_KEY
 from starflow2_jax.data.shapesworld import ShapesWorldSource
 from starflow2_jax.errors import UserError
 from starflow2_jax.pretzel.loss import text_ce
@@ -88,7 +89,6 @@ def test_rows_with_a_vision_tower_carry_the_image_as_its_tokens():
     assert len(set(p[:, 0])) == 1
     assert np.array_equal(p[:, 1] - p[0, 1], np.repeat(np.arange(4), 4))
     assert np.array_equal(p[:, 2] - p[0, 2], np.tile(np.arange(4), 4))
-    from PIL import Image
     want, grid = preprocess_image(Image.fromarray(record["image"]), vision, 1024, 1024)
     assert grid == (1, 8, 8) and np.array_equal(row["patches"], want)
   with pytest.raises(UserError, match="expected 32x32 RGB images"):
