@@ -38,8 +38,9 @@ MIXTURES = {
     3: {"text_to_image": 2.0, "understanding": 2.0, "editing": 0.0, "interleaved": 1.0},
 }
 # stage 2 trains the small adapter alone (cheap steps: no deep stream); its training L_NTP still falls
-# from 1.04 at step 100 to 0.61 at step 1250, so it gets the most steps, at a high learning rate: with
-# adapter_hidden 512 and lr 1e-2 its QA kind accuracy is 57% (48% at 128 and 3e-3; colour 81% / 78%)
+# late (free layout, 128-wide adapter: 1.04 at step 100, 0.61 at step 1250), so it gets the most steps,
+# at a high learning rate: with adapter_hidden 512 and lr 1e-2 its QA kind accuracy is 57% (48% at 128
+# and 3e-3; colour 81% / 78%; one stage-1 run, ~40 kind questions)
 STEPS = {1: 800, 2: 1500, 3: 400}
 LR = {1: 1e-3, 2: 1e-2, 3: 1e-3}
 GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt: caption dropout 0.1)

@@ -21,7 +21,7 @@ from starflow2_jax.train.pretzel_task import frozen_vlm, tokenizer_path
 from starflow2_jax.vlm.chat import load_vlm
 from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig
 from starflow2_jax.vlm.tokenizer import load_tokenizer
-from starflow2_jax.vlm.vision import VisionConfig, preprocess_image
+from starflow2_jax.vlm.vision import preprocess_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -93,9 +93,8 @@ def test_rows_with_a_vision_tower_carry_the_image_as_its_tokens():
     assert grid == (1, 8, 8) and np.array_equal(row["patches"], want)
   with pytest.raises(UserError, match="expected 32x32 RGB images"):
     transform(WORLD[0])  # an 8-px record
-  bad = VisionConfig(**{**lm_shapesworld.vision(), "fullatt_block_indexes": (0, 1)})
-  with pytest.raises(UserError, match="positive multiple of 8"):
-    lm_task.image_grid(bad, 36)
+  with pytest.raises(UserError, match="positive multiple of 8"):  # 4-px patches merged 2 x 2
+    lm_task.image_grid(vision, 36)
 
 
 def test_bad_inputs_name_the_field(tmp_path):
