@@ -44,7 +44,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict({
       "width": 3072, "head_dim": 64, "mlp_ratio": 4, "deep_layers": 24, "shallow_blocks": 2,
       "shallow_layers": 4, "latent_patch": 1, "noise_std": 0.3, "deep_rope": "mrope",
-      "deep_rope_sections": [8, 12, 12], "adapter_hidden": 3584, "skip_taps": [],
+      "deep_rope_sections": [8, 12, 12], "adapter_hidden": 3584, "skip_taps": (),
       "stage1_vlm_prefix": 0, "dtype": "bfloat16", "param_dtype": "float32",
       "attention_impl": "auto", "remat": "dots_saveable"})
   config.loss = loss_defaults()

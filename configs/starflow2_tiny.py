@@ -54,7 +54,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict({
       "width": 32, "head_dim": 16, "mlp_ratio": 4, "deep_layers": 2, "shallow_blocks": 2,
       "shallow_layers": 1, "latent_patch": 1, "noise_std": 0.3, "deep_rope": "mrope",
-      "deep_rope_sections": [2, 3, 3], "adapter_hidden": 64, "skip_taps": [],
+      "deep_rope_sections": [2, 3, 3], "adapter_hidden": 64, "skip_taps": (),
       "stage1_vlm_prefix": 0, "dtype": "float32", "param_dtype": "float32",
       "attention_impl": "auto", "remat": "none"})
   config.loss = loss_defaults()

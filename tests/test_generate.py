@@ -2,7 +2,8 @@
 both streams equals the teacher-forced Pretzel forward on the generated sequence, guidance, Jacobi,
 shallow inversion, text decoding at the start of stage 3, and bad input.
 
-One tiny Pretzel (tests/pretzel_tiny.py, every weight random, skips and adapter included). The
+One tiny Pretzel (tests/pretzel_tiny.py, every weight random, skips, adapter and the image position
+table of `model.image_pos_table` included: the loop must give each latent its grid cell). The
 compiled generators are shared at module scope: one unguided (interleaved, two images), one guided
 (text-to-image, the weight traced so w = 0 and w > 0 share it), one Jacobi.
 """
@@ -39,7 +40,7 @@ def tol(a, b, rel=1e-5):
 
 @functools.lru_cache(maxsize=None)
 def tiny():
-  cfg, model, vlm, params, vparams = pt.build()
+  cfg, model, vlm, params, vparams = pt.build(image_pos_table=True)
   return cfg, model, vlm, pt.perturbed(params), vparams
 
 

@@ -255,3 +255,30 @@ def test_running_positions_restart_per_packed_example():
   seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
   got = np.asarray(pmodel.running_positions(seg))
   assert got.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
+
+
+def test_image_pos_table_adds_the_row_of_each_latents_grid_cell(tiny):
+  """model.image_pos_table: the cell read from a latent's M-RoPE ids (s, s + r, s + c) is its raster
+  cell r W + c in every image span (packed examples included); without the option there is no table.
+  Changing row k changes the deep stream first at the latents of cell k: positions before the first of
+  them are bit-identical."""
+  cfg, model, _, params, vp, batch, inputs, x = tiny
+  assert "image_pos" not in params["deep"]
+  tcfg, tmodel, _, tparams, _ = pt.build(image_pos_table=True)
+  table = tparams["deep"]["image_pos"]
+  assert table.shape == (pt.N, tcfg.width)
+  cells = np.asarray(tmodel.apply({"params": tparams}, inputs["positions"],
+                                  method=pmodel.Pretzel.grid_cells))
+  img = batch["is_image"]
+  assert (cells[img] == batch["image_cell"][img]).all()
+  tparams = pt.perturbed(tparams)
+  k = 5
+  bumped = dict(tparams, deep=dict(tparams["deep"], image_pos=tparams["deep"]["image_pos"].at[k].add(1.0)))
+  a, _ = _fwd("full", image_pos_table=True)(tparams, vp, inputs, x)
+  b, _ = _fwd("full", image_pos_table=True)(bumped, vp, inputs, x)
+  ya, yb = np.asarray(a.y_deep), np.asarray(b.y_deep)
+  for r in range(len(ROWS)):
+    hit = np.nonzero(img[r] & (batch["image_cell"][r] == k))[0]
+    first = hit[0]
+    assert np.array_equal(ya[r, :first], yb[r, :first])
+    assert not np.allclose(ya[r, first], yb[r, first])

@@ -82,6 +82,10 @@ def test_bad_configs_are_user_errors(tmp_path):
   cfg.model.latent_patch = 3
   with pytest.raises(UserError, match="model.latent_patch: expected a divisor of the FAE latent grid 4x4"):
     _build(cfg)
+  cfg = starflow2_tiny.get_config("stage=1")
+  cfg.model.image_pos_table, cfg.vlm.image_positions = True, "1d"
+  with pytest.raises(UserError, match="model.image_pos_table reads each latent's grid cell"):
+    _build(cfg)
 
 
 @pytest.mark.slow  # a train-step and an evaluation compilation with the FAE
@@ -105,7 +109,8 @@ def _flow_count(cfg: pconfig.PretzelConfig) -> int:
   shallow = cfg.shallow_blocks * (t * d + d + t + cfg.shallow_layers * layer + head)  # + proj_in, sos
   deep = t * d + d + dv * d + d + cfg.deep_layers * layer + head  # + proj_in, P_txt
   adapter = t * cfg.adapter_width + cfg.adapter_width + cfg.adapter_width * dv + dv
-  return shallow + deep + adapter + 2 * dv * d + len(cfg.skip_taps) * dv * d
+  table = cfg.num_latents * d if cfg.image_pos_table else 0
+  return shallow + deep + table + adapter + 2 * dv * d + len(cfg.skip_taps) * dv * d
 
 
 def _per_device_bytes(abstract, mesh, rules, moments: int = 0, trainable=None) -> float:

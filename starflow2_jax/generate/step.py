@@ -63,9 +63,8 @@ def joint_step(model: Pretzel, params, vlm: Qwen2_5_VL, vlm_params, caches: Cach
                   image_embeds=embeds, image_index=index, taps=cfg.vlm_taps(), return_logits=False)
   y_vlm = out["hidden"]
   states = {**out["taps"], cfg.vlm.num_layers: y_vlm}
-  deep_pos = positions if cfg.deep_rope == "mrope" else running
   y_deep, raw, deep_cache = model.apply(
-      variables, u, y_vlm, {i: states[i] for i, _ in cfg.skip_taps}, is_image, deep_pos, valid,
+      variables, u, y_vlm, {i: states[i] for i, _ in cfg.skip_taps}, is_image, positions, running, valid,
       caches.deep, method=Pretzel.deep_cached)
   h = y_vlm + model.apply(variables, y_deep, method=Pretzel.text_skip).astype(y_vlm.dtype)
   logits = vlm.apply({"params": vlm_params}, h, method=Qwen2_5_VL.logits)

@@ -66,6 +66,9 @@ class PretzelConfig:
   shallow_rope_base: float = 10000.0
   adapter_hidden: int = 0  # 0: the VLM width (3584 in the paper)
   skip_taps: tuple[tuple[int, int], ...] = ()  # (VLM layer i in 1..L, deep layer j in 1..deep_layers)
+  # research option (not in the paper): a learned [N, width] table of the token grid's cells added to
+  # the deep stream's input at image positions (absolute positions for small flow streams)
+  image_pos_table: bool = False
   stage1_vlm_prefix: int = 0  # stage 1: run the VLM on the first n positions only (0: all)
   dtype: str = "float32"  # flow trunk and adapter compute dtype (flow maths stay float32)
   param_dtype: str = "float32"
@@ -206,6 +209,11 @@ def from_config(config: ml_collections.ConfigDict, *, vlm: QwenConfig, latent_gr
     if any(len(t) != 2 for t in taps):
       raise UserError(f"model.skip_taps: expected a list of [vlm_layer, deep_layer] pairs, found {taps}")
     d["skip_taps"] = tuple((int(i), int(j)) for i, j in taps)
+  positions = config.get("vlm", {}).get("image_positions", "mrope")
+  if d.get("image_pos_table") and positions != "mrope":
+    raise UserError(f"model.image_pos_table reads each latent's grid cell from its M-RoPE ids, but "
+                    f"vlm.image_positions={positions!r} gives every latent the same cell; set "
+                    "vlm.image_positions=mrope or model.image_pos_table=False")
   return PretzelConfig(vlm=vlm, latent_grid=tuple(int(s) for s in latent_grid),
                        latent_channels=int(latent_channels), text_vocab=int(text_vocab),
                        specials=specials, **d)

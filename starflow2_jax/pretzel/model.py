@@ -7,7 +7,8 @@ Per position t (teacher forcing):
   2. VLM input e_t = E[token_t] at text positions, A(u_t) at image positions (the adapter output
      replaces the embedding);
   3. frozen VLM: y_vlm,t (final-normed) and, for `skip_taps`, raw residuals h^(i);
-  4. flow input c_t = P_txt(y_vlm,t) at text positions, proj_in(u_t) + W_vlm y_vlm,t at image ones;
+  4. flow input c_t = P_txt(y_vlm,t) at text positions, proj_in(u_t) + W_vlm y_vlm,t at image ones
+     (+ a learned table row of the latent's grid cell with `image_pos_table`);
   5. deep stream over c (causal within each packed segment), y_D = RMSNorm(h_D), plus the taps
      P_ij h^(i) added to its residual before deep layer j;
   6. text logits LMHead(y_vlm + W_D y_D) (frozen head, float32);
@@ -18,7 +19,8 @@ The sequence is causal in u, not in x (the Flip shallow block): `forward_from_u`
 
 Trainable parameters (top-level names = parameter groups, `pretzel.stages`):
   shallow_<k>/...   FlowBlock k (STARFlow parametrisation, own SOS, 2-D RoPE)
-  deep/{proj_in, p_txt, transformer/stack/..., final_norm, proj_out}
+  deep/{proj_in, p_txt, transformer/stack/..., final_norm, proj_out, image_pos [N, d] (with
+        `image_pos_table`)}
   adapter/{fc1, fc2}   fc2 zero-initialised (weight and bias)
   w_vlm/kernel [d_v, d], w_d/kernel [d, d_v]   zero-initialised, no bias
   taps/tap_<k>/kernel [d_v, d]   one per `skip_taps` pair, zero-initialised (absent without taps)
@@ -43,6 +45,7 @@ from starflow2_jax.pretzel.config import PretzelConfig
 from starflow2_jax.vlm.model import Qwen2_5_VL
 
 MODES = ("full", "nf", "ntp")
+IMAGE_POS_INIT_STD = 0.02  # the `image_pos_table` rows' initial std (TarFlow's table: 0.01)
 INPUT_KEYS = ("tokens", "positions", "segment_ids", "is_image", "image_slot", "image_cell")
 
 
@@ -103,17 +106,23 @@ class DeepStream(nn.Module):
     self.proj_out = snn.Dense(2 * cfg.token_dim, ("embed", "latent"), dtype=cfg.flow_dtype,
                               param_dtype=pdt, kernel_init=nn.initializers.zeros,
                               precision=jax.lax.Precision.HIGHEST)
+    if cfg.image_pos_table:
+      self.image_pos = self.param("image_pos", nn.with_logical_partitioning(
+          nn.initializers.normal(IMAGE_POS_INIT_STD), (None, "embed")), (cfg.num_latents, cfg.width), pdt)
 
   def __call__(self, u_seq, y_vlm, image_skip, is_image, angles, segment_ids, residual_adds,
-               valid=None, cache=None):
+               valid=None, cache=None, cells=None):
     """u_seq [B, L, D_tok], y_vlm [B, L, d_v], image_skip [B, L, d] (W_vlm y_vlm), is_image [B, L],
     angles [B, L, head_dim/2], segment_ids [B, L] (None with a cache), residual_adds {0-based layer:
     [B, L, d]}; generation: valid [B, L] (False: a masked pad) and cache (nn.KVCache: L new positions
-    after the cached ones)
+    after the cached ones); cells [B, L] int32: each image position's raster cell in the token grid
+    (read with `image_pos_table` only)
     -> (y_D [B, L, d] final-normed, flow dtype; raw head output [B, L, 2 D_tok] float32; the new cache
     or None)."""
     cdt = self.cfg.compute_dtype
     img = self.proj_in(u_seq.astype(cdt)) + image_skip.astype(cdt)
+    if self.cfg.image_pos_table:
+      img = img + jnp.take(self.image_pos, cells, axis=0).astype(cdt)
     txt = self.p_txt(y_vlm.astype(cdt))
     c = jnp.where(is_image[..., None], img, txt)
     h, cache, _ = self.transformer(c, angles=angles, segment_ids=segment_ids, valid=valid, cache=cache,
@@ -167,20 +176,31 @@ class Pretzel(nn.Module):
     return self.adapter(u)
 
   def deep_forward(self, u_seq, y_vlm, vlm_states, is_image, positions, segment_ids):
-    """-> (y_D [B, L, d], raw [B, L, 2 D_tok]); vlm_states {VLM layer i: [B, L, d_v]} for the taps."""
+    """-> (y_D [B, L, d], raw [B, L, 2 D_tok]); vlm_states {VLM layer i: [B, L, d_v]} for the taps;
+    positions [B, L, 3] the M-RoPE ids."""
     adds = self.taps(vlm_states) if self.cfg.skip_taps else {}
     pos = positions if self.cfg.deep_rope == "mrope" else running_positions(segment_ids)
     y, raw, _ = self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(pos), segment_ids,
-                          adds)
+                          adds, cells=self.grid_cells(positions))
     return y, raw
 
-  def deep_cached(self, u_seq, y_vlm, vlm_states, is_image, positions, valid, cache):
-    """`deep_forward` on T new positions after a KV cache (generation): positions [B, T, 3] M-RoPE ids
-    (deep_rope "mrope") or [B, T] the 1-D running positions; valid [B, T]
+  def deep_cached(self, u_seq, y_vlm, vlm_states, is_image, positions, running, valid, cache):
+    """`deep_forward` on T new positions after a KV cache (generation): positions [B, T, 3] M-RoPE ids,
+    running [B, T] the 1-D running positions (deep_rope "1d"); valid [B, T]
     -> (y_D [B, T, d], raw [B, T, 2 D_tok], the new cache)."""
     adds = self.taps(vlm_states) if self.cfg.skip_taps else {}
-    return self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(positions), None, adds,
-                     valid=valid, cache=cache)
+    pos = positions if self.cfg.deep_rope == "mrope" else running
+    return self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(pos), None, adds,
+                     valid=valid, cache=cache, cells=self.grid_cells(positions))
+
+  def grid_cells(self, positions):
+    """M-RoPE ids [B, L, 3] -> the raster cell r W_g + c [B, L] int32 of a latent at (t, h, w) =
+    (s, s + r, s + c) (STARFLOW2.md 4.3), clipped to the grid (text positions: 0). Needs Qwen's image
+    positions (`pconfig.from_config` rejects the table with vlm.image_positions "1d")."""
+    h, w = self.cfg.token_grid
+    r = jnp.clip(positions[..., 1] - positions[..., 0], 0, h - 1)
+    c = jnp.clip(positions[..., 2] - positions[..., 0], 0, w - 1)
+    return (r * w + c).astype(jnp.int32)
 
   def text_skip(self, y_deep):
     """W_D y_D [B, L, d_v]."""
