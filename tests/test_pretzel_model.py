@@ -264,11 +264,10 @@ def test_image_pos_table_adds_the_row_of_each_latents_grid_cell(tiny):
   them are bit-identical."""
   cfg, model, _, params, vp, batch, inputs, x = tiny
   assert "image_pos" not in params["deep"]
-  tcfg, tmodel, _, tparams, _ = pt.build(image_pos_table=True)
+  tcfg, _, _, tparams, _ = pt.build(image_pos_table=True)
   table = tparams["deep"]["image_pos"]
   assert table.shape == (pt.N, tcfg.width)
-  cells = np.asarray(tmodel.apply({"params": tparams}, inputs["positions"],
-                                  method=pmodel.Pretzel.grid_cells))
+  cells = np.asarray(pmodel.grid_cells(inputs["positions"], tcfg.token_grid))
   img = batch["is_image"]
   assert (cells[img] == batch["image_cell"][img]).all()
   tparams = pt.perturbed(tparams)

@@ -109,8 +109,7 @@ def _flow_count(cfg: pconfig.PretzelConfig) -> int:
   shallow = cfg.shallow_blocks * (t * d + d + t + cfg.shallow_layers * layer + head)  # + proj_in, sos
   deep = t * d + d + dv * d + d + cfg.deep_layers * layer + head  # + proj_in, P_txt
   adapter = t * cfg.adapter_width + cfg.adapter_width + cfg.adapter_width * dv + dv
-  table = cfg.num_latents * d if cfg.image_pos_table else 0
-  return shallow + deep + table + adapter + 2 * dv * d + len(cfg.skip_taps) * dv * d
+  return shallow + deep + adapter + 2 * dv * d + len(cfg.skip_taps) * dv * d
 
 
 def _per_device_bytes(abstract, mesh, rules, moments: int = 0, trainable=None) -> float:

@@ -110,18 +110,19 @@ class DeepStream(nn.Module):
       self.image_pos = self.param("image_pos", nn.with_logical_partitioning(
           nn.initializers.normal(IMAGE_POS_INIT_STD), (None, "embed")), (cfg.num_latents, cfg.width), pdt)
 
-  def __call__(self, u_seq, y_vlm, image_skip, is_image, angles, segment_ids, residual_adds,
-               valid=None, cache=None, cells=None):
+  def __call__(self, u_seq, y_vlm, image_skip, is_image, angles, positions, segment_ids,
+               residual_adds, valid=None, cache=None):
     """u_seq [B, L, D_tok], y_vlm [B, L, d_v], image_skip [B, L, d] (W_vlm y_vlm), is_image [B, L],
-    angles [B, L, head_dim/2], segment_ids [B, L] (None with a cache), residual_adds {0-based layer:
+    angles [B, L, head_dim/2], positions [B, L, 3] the M-RoPE ids (read by `image_pos_table`: each
+    latent's grid cell), segment_ids [B, L] (None with a cache), residual_adds {0-based layer:
     [B, L, d]}; generation: valid [B, L] (False: a masked pad) and cache (nn.KVCache: L new positions
-    after the cached ones); cells [B, L] int32: each image position's raster cell in the token grid
-    (read with `image_pos_table` only)
+    after the cached ones)
     -> (y_D [B, L, d] final-normed, flow dtype; raw head output [B, L, 2 D_tok] float32; the new cache
     or None)."""
     cdt = self.cfg.compute_dtype
     img = self.proj_in(u_seq.astype(cdt)) + image_skip.astype(cdt)
     if self.cfg.image_pos_table:
+      cells = grid_cells(positions, self.cfg.token_grid)
       img = img + jnp.take(self.image_pos, cells, axis=0).astype(cdt)
     txt = self.p_txt(y_vlm.astype(cdt))
     c = jnp.where(is_image[..., None], img, txt)
@@ -180,8 +181,8 @@ class Pretzel(nn.Module):
     positions [B, L, 3] the M-RoPE ids."""
     adds = self.taps(vlm_states) if self.cfg.skip_taps else {}
     pos = positions if self.cfg.deep_rope == "mrope" else running_positions(segment_ids)
-    y, raw, _ = self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(pos), segment_ids,
-                          adds, cells=self.grid_cells(positions))
+    y, raw, _ = self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(pos), positions,
+                          segment_ids, adds)
     return y, raw
 
   def deep_cached(self, u_seq, y_vlm, vlm_states, is_image, positions, running, valid, cache):
@@ -190,17 +191,8 @@ class Pretzel(nn.Module):
     -> (y_D [B, T, d], raw [B, T, 2 D_tok], the new cache)."""
     adds = self.taps(vlm_states) if self.cfg.skip_taps else {}
     pos = positions if self.cfg.deep_rope == "mrope" else running
-    return self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(pos), None, adds,
-                     valid=valid, cache=cache, cells=self.grid_cells(positions))
-
-  def grid_cells(self, positions):
-    """M-RoPE ids [B, L, 3] -> the raster cell r W_g + c [B, L] int32 of a latent at (t, h, w) =
-    (s, s + r, s + c) (STARFLOW2.md 4.3), clipped to the grid (text positions: 0). Needs Qwen's image
-    positions (`pconfig.from_config` rejects the table with vlm.image_positions "1d")."""
-    h, w = self.cfg.token_grid
-    r = jnp.clip(positions[..., 1] - positions[..., 0], 0, h - 1)
-    c = jnp.clip(positions[..., 2] - positions[..., 0], 0, w - 1)
-    return (r * w + c).astype(jnp.int32)
+    return self.deep(u_seq, y_vlm, self.w_vlm(y_vlm), is_image, self.rope.angles(pos), positions, None,
+                     adds, valid=valid, cache=cache)
 
   def text_skip(self, y_deep):
     """W_D y_D [B, L, d_v]."""
@@ -218,6 +210,16 @@ class Pretzel(nn.Module):
                                jnp.zeros((b, length), bool), jnp.zeros((b, length, 3), jnp.int32),
                                jnp.ones((b, length), jnp.int32))
     return self.text_skip(y_d)
+
+
+def grid_cells(positions: jax.Array, token_grid: tuple[int, int]) -> jax.Array:
+  """M-RoPE ids [B, L, 3] -> the raster cell r W_g + c [B, L] int32 of a latent at (t, h, w) =
+  (s, s + r, s + c) (STARFLOW2.md 4.3), clipped to the grid (text positions: 0). Needs Qwen's image
+  positions (`pconfig.from_config` rejects `image_pos_table` with vlm.image_positions "1d")."""
+  h, w = token_grid
+  r = jnp.clip(positions[..., 1] - positions[..., 0], 0, h - 1)
+  c = jnp.clip(positions[..., 2] - positions[..., 0], 0, w - 1)
+  return (r * w + c).astype(jnp.int32)
 
 
 def running_positions(segment_ids: jax.Array) -> jax.Array:
@@ -323,4 +325,4 @@ def forward(model: Pretzel, params, vlm: Qwen2_5_VL, vlm_params, inputs: dict, x
 
 
 __all__ = ["Pretzel", "PretzelOutput", "Adapter", "DeepStream", "Taps", "MODES", "INPUT_KEYS",
-           "forward", "forward_from_u", "init_params", "running_positions"]
+           "forward", "forward_from_u", "grid_cells", "init_params", "running_positions"]
