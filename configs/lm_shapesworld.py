@@ -1,6 +1,8 @@
 """The STARFlow2 demo's "pretrained VLM": a small Qwen2.5-architecture language model pretrained on
-chat-formatted ShapesWorld captions, questions and answers with the toy tokenizer (`model_kind: lm`,
-train/lm_task.py; about a minute on 2 CPU cores), a scene shown as its caption inside a vision span.
+chat-formatted ShapesWorld captions, questions, answers and interleaved documents with the toy tokenizer
+(`model_kind: lm`, train/lm_task.py; about three minutes on 2 CPU cores), a scene shown as its scene map
+inside a vision span: a word per cell of the flow's 4 x 4 token grid (`SCENE_GRID`), as a vision tower's
+tokens would sit, so that the frozen model's states at image positions are about what each cell holds.
 With the argument "vision" it is a vision-language model instead: a vision tower reads each scene's
 32-px image as 4 x 4 merged image tokens (a few minutes). STARFlow2 keeps the language model frozen
 and drops any vision tower: the flow stream's adapter learns to feed it FAE latents (stage 2).
@@ -22,7 +24,11 @@ from starflow2_jax.train.lm_task import lm_defaults
 from starflow2_jax.train.pretzel_task import TOY_TOKENIZER
 from starflow2_jax.vlm.tokenizer import DEFAULT_SYSTEM
 
-MAX_LEN = 80  # the longest conversation (system turn, a three-shape caption asked for) is 72 tokens
+# the longest conversation: an interleaved document of three scenes (lm.forms.document), 144 tokens
+MAX_LEN = 144
+# the scene map's side: the STARFlow2 flow's token grid (configs/starflow2_shapesworld.py: the FAE's 8 x 8
+# latents in 2 x 2 patches), so that image position k of a Pretzel sequence is map word k
+SCENE_GRID = 4
 IMAGE_SIZE = 32  # the demo's images (configs/fae_shapesworld.py)
 SHAPES_LAYOUT = "grid"  # the demo's ShapesWorld: shapes in the grid cells captions name (data/shapesworld.py)
 OPTIONS = ("smoke", "vision")
@@ -55,6 +61,9 @@ def get_config(arg=None):
   config.tokenizer = TOY_TOKENIZER  # or a tokenizer.json (the demo trains its own)
   config.model = ml_collections.ConfigDict({**model(), "vision": vision() if "vision" in options else None})
   config.lm = lm_defaults()
+  config.lm.scene_grid = SCENE_GRID
+  if "vision" in options:  # one image per record: no interleaved documents
+    config.lm.forms.document = 0.0
   config.data.name = "shapesworld"
   # without a vision tower the image is not used: small renders keep the loader cheap
   config.data.image_size = IMAGE_SIZE if "vision" in options else 8
@@ -65,11 +74,11 @@ def get_config(arg=None):
   config.data.shapes_num_train = 20_000
   config.data.shapes_num_test = 256
   config.train.batch_size = 32
-  config.train.steps = 500
+  config.train.steps = 1000
   config.train.lr = 3e-3
   config.train.warmup = 50
   config.train.weight_decay = 0.0
-  config.checkpoint.every = 300
+  config.checkpoint.every = 500
   config.checkpoint.keep = 1
   config.log.every = 50
   config.log.num_samples = 0

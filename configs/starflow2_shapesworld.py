@@ -26,6 +26,8 @@ from starflow2_jax.vlm.config import experiment_config
 
 EXCLUDED = (("red", "circle"), ("blue", "triangle"))  # never in a training scene; held out they are
 LATENT_PATCH = 2  # the FAE's 8 x 8 latents as 4 x 4 = 16 flow tokens of 2 x 2 x 8 = 32 channels
+# the frozen language model read each scene as a map of this token grid
+assert fae_shapesworld.IMAGE_SIZE // fae_shapesworld.PATCH // LATENT_PATCH == lm_shapesworld.SCENE_GRID
 MAX_IMAGES = 3  # an interleaved document of a three-shape scene shows three images
 # a row: two text-to-image or understanding examples (46-63 tokens each: templates, text naming grid
 # cells, an image span of 16 latents + 2), or one interleaved document of up to three image spans (the

@@ -118,6 +118,39 @@ def test_shapesworld_grid_layout_puts_each_shape_in_the_cell_its_caption_names()
     shapesworld.ShapesWorldSource("train", 16, 10, layout="spiral")
 
 
+def test_shapesworld_scene_map_names_each_cell_by_the_shape_covering_most_of_it():
+  """Against coverage counted on a fine lattice of points: a cell names the shape whose box covers the
+  most of it when that is at least MAP_COVER, else <|empty|>; every shape names the cell of its centre."""
+  src = shapesworld.ShapesWorldSource("train", 32, 60, seed=2, layout="grid")
+  grid, fine = 4, 40
+  t = (np.arange(fine) + 0.5) / fine / grid  # lattice offsets inside one cell
+  for i in range(60):
+    shapes = src.scene(i)
+    words = shapesworld.scene_map(shapes, grid)
+    assert len(words) == grid * grid and set(words) <= set(shapesworld.MAP_WORDS)
+    for cell, word in enumerate(words):
+      ys, xs = np.meshgrid(cell // grid / grid + t, cell % grid / grid + t, indexing="ij")
+      cover = [np.mean((np.abs(xs - s["x"]) <= shapesworld.SIZES[s["size"]] / 2)
+                       & (np.abs(ys - s["y"]) <= shapesworld.SIZES[s["size"]] / 2)) for s in shapes]
+      k = int(np.argmax(cover))
+      if cover[k] >= shapesworld.MAP_COVER + 0.03:
+        s = shapes[k]
+        assert word == f"<|{s['size']} {s['colour']} {s['kind']}|>"
+      elif cover[k] < shapesworld.MAP_COVER - 0.03:
+        assert word == shapesworld.MAP_EMPTY
+    for s in shapes:
+      word = f"<|{s['size']} {s['colour']} {s['kind']}|>"
+      assert words[int(s["y"] * grid) * grid + int(s["x"] * grid)] == word
+  one = {"colour": "red", "kind": "circle", "size": "small", "x": 0.21, "y": 0.21}
+  assert shapesworld.scene_map([one], 2) == ["<|small red circle|>"] + [shapesworld.MAP_EMPTY] * 3
+  assert shapesworld.scene_map([], 2) == [shapesworld.MAP_EMPTY] * 4
+  assert len(set(shapesworld.MAP_WORDS)) == 1 + len(shapesworld.SIZES) * len(shapesworld.COLOURS) * len(
+      shapesworld.KINDS)
+  assert src[0]["shapes"] == src.scene(0)
+  with pytest.raises(ValueError, match="positive grid side"):
+    shapesworld.scene_map([one], 0)
+
+
 def test_shapesworld_excluded_combinations_only_in_heldout_split():
   ex = [("red", "circle"), ("blue", "square")]
   tr = shapesworld.ShapesWorldSource("train", 16, 300, exclude=ex)

@@ -1,6 +1,6 @@
-"""The lm task (issue 11 item 1): chat rows of ShapesWorld scenes (as captions, or as images for a vision
-tower), token-level CE as (sum, count), held-out CE / accuracy, and the export that the STARFlow2 task
-loads as its frozen VLM."""
+"""The lm task (issue 11 item 1): chat rows of ShapesWorld scenes (as scene maps or captions, or as
+images for a vision tower), token-level CE as (sum, count), held-out CE / accuracy, and the export that
+the STARFlow2 task loads as its frozen VLM."""
 import os
 import sys
 
@@ -15,6 +15,7 @@ from starflow2_jax.data import shapesworld
 from starflow2_jax.data.pipeline import ELEMENT_KEY
 from starflow2_jax.data.shapesworld import ShapesWorldSource
 from starflow2_jax.errors import UserError
+from starflow2_jax.pretzel import toy_tokenizer
 from starflow2_jax.pretzel.loss import text_ce
 from starflow2_jax.train import lm_task, loop, tasks
 from starflow2_jax.train.pretzel_task import frozen_vlm, tokenizer_path
@@ -28,24 +29,34 @@ sys.path.insert(0, REPO)
 from configs import lm_shapesworld, starflow2_shapesworld  # noqa: E402
 
 WORLD = ShapesWorldSource("train", 8, 50)
+NO_DOCUMENTS = np.array([1.0, 1.0, 1.0, 0.0]) / 3  # form weights (lm_task.FORMS) without "document"
 
 
 @pytest.fixture(scope="module")
 def rows():
   path = tokenizer_path("toy")
   return lm_task.ChatRows(path, lm_shapesworld.MAX_LEN, "You are a helpful assistant.",
-                          np.ones(len(lm_task.FORMS)) / len(lm_task.FORMS), seed=0), load_tokenizer(path)
+                          np.ones(len(lm_task.FORMS)) / len(lm_task.FORMS), seed=0,
+                          world=WORLD), load_tokenizer(path)
+
+
+def _form(turns) -> str:
+  user, assistant = turns[0][1], turns[1][1]
+  if not isinstance(assistant[0], str) and len(assistant) == 1:
+    return "draw"
+  if len(assistant) > 1:
+    return "document"
+  return "caption" if user[1] == "describe the image." else "qa"
 
 
 def test_rows_supervise_only_the_assistant_and_shift_the_targets(rows):
   transform, tk = rows
   ids = transform.ids
   seen = set()
-  for i in range(30):
+  for i in range(40):
     record = {**WORLD[i], ELEMENT_KEY: np.int64(i)}
     turns = transform.turns(record)
-    seen.add("draw" if not isinstance(turns[1][1][0], str) else
-             "caption" if turns[0][1][1] == "describe the image." else "qa")
+    seen.add(_form(turns))
     row = transform(record)
     n = int(np.sum(row["tokens"] != ids.pad))
     tokens, mask = row["tokens"], row["target_mask"]
@@ -60,11 +71,54 @@ def test_rows_supervise_only_the_assistant_and_shift_the_targets(rows):
     want &= row["targets"] != ids.vision_end
     assert np.array_equal(mask, want)
     text = tk.decode(row["targets"][mask].tolist(), skip_special_tokens=True)
-    answer = turns[1][1][0] if isinstance(turns[1][1][0], str) else turns[1][1][0][1]
+    # the assistant's parts, a scene as its caption (lm.scene='caption')
+    answer = "".join(p if isinstance(p, str) else p[1]["caption"] for p in turns[1][1])
     assert text == answer
   assert seen == set(lm_task.FORMS)
   held_out = transform(WORLD[3])  # no stream position: a fixed draw per record
   assert all(np.array_equal(held_out[k], transform(WORLD[3])[k]) for k in held_out)
+
+
+def test_rows_with_scene_maps_carry_one_map_word_per_grid_cell(tmp_path):
+  """lm.scene='map': a scene is its 4 x 4 scene map (data.shapesworld.scene_map) on the grid's M-RoPE
+  positions, as a vision tower's tokens; drawn by the assistant (draw, document) the words are targets
+  (the language model learns caption -> layout), shown by the user they are not; a document's spans are
+  the maps of its scenes, each on its own grid; a tokenizer without the words is refused."""
+  path = tokenizer_path("toy")
+  world = ShapesWorldSource("train", 8, 40, layout="grid")
+  transform = lm_task.ChatRows(path, lm_shapesworld.MAX_LEN, None, np.ones(len(lm_task.FORMS)) / 4, seed=0,
+                               scene="map", scene_grid=4, world=world)
+  ids, tk = transform.ids, load_tokenizer(path)
+  forms = set()
+  for i in range(40):
+    record = {**world[i], ELEMENT_KEY: np.int64(i)}
+    turns, row = transform.turns(record), transform(record)
+    forms.add(_form(turns))
+    drawn = [p[1]["shapes"] for p in turns[1][1] if not isinstance(p, str)]
+    shown = [p[1]["shapes"] for p in turns[0][1] if not isinstance(p, str)]
+    starts = np.nonzero(row["tokens"] == ids.vision_start)[0]
+    assert len(starts) == len(drawn) + len(shown)
+    last = -1
+    for start, shapes in zip(starts, shown + drawn):
+      span = row["tokens"][start + 1:start + 17]
+      assert [tk.id_to_token(int(t)) for t in span] == shapesworld.scene_map(shapes, 4)
+      assert row["tokens"][start + 17] == ids.vision_end
+      p = row["positions"][start + 1:start + 17] - row["positions"][start + 1]
+      assert np.array_equal(p[:, 0], np.zeros(16)) and np.array_equal(p[:, 1], np.repeat(np.arange(4), 4))
+      assert np.array_equal(p[:, 2], np.tile(np.arange(4), 4))
+      assert row["positions"][start + 1, 0] == row["positions"][start, 0] + 1 > last
+      last = row["positions"][start + 17, 0]  # after the grid: text resumes past its largest index
+      assert last == row["positions"][start + 1, 0] + 4
+      # target_mask[k]: predicting token k + 1; the span's words (and its start) are targets when drawn
+      assert np.all(row["target_mask"][start - 1:start + 16] == bool(drawn))
+      assert not row["target_mask"][start + 16]  # the forced <|vision_end|>
+  assert forms == set(lm_task.FORMS)
+  plain = str(tmp_path / "plain.json")
+  toy_tokenizer.train_tokenizer(["a red circle"], plain)
+  with pytest.raises(UserError, match="scene-map words as tokens"):
+    lm_task.ChatRows(plain, 80, None, NO_DOCUMENTS, seed=0, scene="map", scene_grid=4)
+  with pytest.raises(UserError, match="lm.forms.document=0"):
+    lm_task.ChatRows(path, 80, None, np.ones(4) / 4, seed=0, scene="map", scene_grid=4)
 
 
 def test_rows_with_a_vision_tower_carry_the_image_as_its_tokens():
@@ -72,8 +126,8 @@ def test_rows_with_a_vision_tower_carry_the_image_as_its_tokens():
   processor's of the record's image; image_index numbers the span's tokens."""
   config = lm_shapesworld.get_config("smoke,vision")
   vision = QwenConfig.from_config(config.model).vision
-  transform = lm_task.ChatRows(tokenizer_path("toy"), lm_shapesworld.MAX_LEN, None,
-                               np.ones(len(lm_task.FORMS)) / len(lm_task.FORMS), 0, vision, 32)
+  transform = lm_task.ChatRows(tokenizer_path("toy"), lm_shapesworld.MAX_LEN, None, NO_DOCUMENTS, 0, vision,
+                               32)
   ids = transform.ids
   world = shapesworld.from_config(config.data, "train")
   for i in range(12):
@@ -108,6 +162,13 @@ def test_bad_inputs_name_the_field(tmp_path):
     tasks.build_task(config, parallel.make_mesh(config.mesh), parallel.logical_rules(config))
   with pytest.raises(UserError, match="expected comma-separated options"):
     lm_shapesworld.get_config("huge")
+  config = lm_shapesworld.get_config("smoke")
+  config.lm.scene = "poem"
+  with pytest.raises(UserError, match=r"lm.scene='poem': expected one of \('map', 'caption'\)"):
+    tasks.build_task(config, parallel.make_mesh(config.mesh), parallel.logical_rules(config))
+  config.lm.scene, config.lm.scene_grid = "map", 0
+  with pytest.raises(UserError, match="lm.scene_grid >= 1"):
+    tasks.build_task(config, parallel.make_mesh(config.mesh), parallel.logical_rules(config))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from starflow2_jax.data.shapesworld import MAP_WORDS
 from starflow2_jax.errors import UserError
 from starflow2_jax.pretzel import toy_tokenizer
 from starflow2_jax.pretzel.examples import CAPTION_QUESTION
@@ -52,7 +53,12 @@ def test_refuses_to_overwrite_and_names_a_too_small_vocabulary(trained, tmp_path
   with pytest.raises(UserError, match="vocab_size=100: .* needs at least 278"):
     toy_tokenizer.train_tokenizer(["a"], str(tmp_path / "t.json"), vocab_size=100)
   out = toy_tokenizer.train_shapesworld_tokenizer(str(tmp_path / "sw.json"), num_records=20)
-  assert special_tokens(load_tokenizer(out)).image_pad == QWEN_SPECIAL_TOKENS.index("<|image_pad|>")
+  tk = load_tokenizer(out)
+  assert special_tokens(tk).image_pad == QWEN_SPECIAL_TOKENS.index("<|image_pad|>")
+  # the scene-map words (lm.scene='map'): one token each, right after the Qwen specials
+  first = len(QWEN_SPECIAL_TOKENS)
+  assert [tk.token_to_id(w) for w in MAP_WORDS] == list(range(first, first + len(MAP_WORDS)))
+  assert tk.encode("".join(MAP_WORDS[:3])).ids == list(range(first, first + 3))
 
 
 def test_grid_layout_texts_name_the_cells(tmp_path):

@@ -11,8 +11,13 @@ the STARFlow2 demo. Chosen (colour, kind) combinations can be excluded from the 
 (rejection-sampled away) while the held-out split keeps them, to test compositional generalisation.
 
 Record: {"image": uint8 [S, S, 3], "label": int32 (kind of the first shape), "caption": str,
-         "questions": list[str], "answers": list[str]}
+         "questions": list[str], "answers": list[str], "shapes": the scene}
 Scene: [{"colour", "kind", "size", "x", "y"}] (x right, y down, in [0, 1]), and "cell" in the grid layout.
+
+Scene map (`scene_map`): the scene as one word per cell of a G x G token grid, in raster order: the
+shape that covers most of the cell (`MAP_WORDS`: "<|size colour kind|>", "<|empty|>" where no shape's box
+covers `MAP_COVER` of it), what a vision tower's per-patch tokens tell a language model; the demo's
+text-only language model reads scenes so (train/lm_task.py, lm.scene = "map").
 """
 from __future__ import annotations
 
@@ -34,6 +39,10 @@ CELLS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0, 1),
          "right": (2, 1), "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
 GRID_CENTRES = (0.21, 0.5, 0.79)  # a large shape (extent 0.38) at an edge cell stays inside the image
 GRID_JITTER = 0.02  # uniform offset of a shape from its cell centre, on each axis
+MAP_COVER = 0.15  # a shape's box covering this fraction of a map cell names the cell
+MAP_EMPTY = "<|empty|>"
+MAP_WORDS = (MAP_EMPTY,) + tuple(f"<|{size} {colour} {kind}|>" for size in SIZES for colour in COLOURS
+                                 for kind in KINDS)
 _SPLIT_IDS = {"train": 0, "test": 1}
 _MAX_TRIES = 1000
 
@@ -75,6 +84,27 @@ def describe(s: dict, sized: bool = False) -> str:
   size = f"{s['size']} " if sized else ""
   where = f" at the {s['cell']}" if "cell" in s else ""
   return f"a {size}{s['colour']} {s['kind']}{where}"
+
+
+def scene_map(shapes: list[dict], grid: int) -> list[str]:
+  """The scene's map (module docstring): grid * grid words of `MAP_WORDS`, row by row."""
+  if grid < 1:
+    raise UserError(f"a scene map needs a positive grid side, found {grid}")
+  edges = np.arange(grid + 1) / grid
+  cover = np.zeros((len(shapes), grid, grid))  # [shape, row, column]: fraction of the cell in its box
+  for k, s in enumerate(shapes):
+    r = SIZES[s["size"]] / 2
+    ox, oy = (np.clip(np.minimum(edges[1:], v + r) - np.maximum(edges[:-1], v - r), 0, None) * grid
+              for v in (s["x"], s["y"]))
+    cover[k] = oy[:, None] * ox[None, :]
+  best = np.argmax(cover, axis=0) if shapes else np.zeros((grid, grid), int)
+  words = []
+  for row in range(grid):
+    for col in range(grid):
+      s = shapes[best[row, col]] if shapes else None
+      hit = s is not None and cover[best[row, col], row, col] >= MAP_COVER
+      words.append(f"<|{s['size']} {s['colour']} {s['kind']}|>" if hit else MAP_EMPTY)
+  return words
 
 
 class ShapesWorldSource:
@@ -172,7 +202,7 @@ class ShapesWorldSource:
     shapes = self.scene(int(i))
     qs, ans = self.qa(shapes)
     return {"image": self.render(shapes), "label": np.int32(KINDS.index(shapes[0]["kind"])),
-            "caption": self.caption(shapes), "questions": qs, "answers": ans}
+            "caption": self.caption(shapes), "questions": qs, "answers": ans, "shapes": shapes}
 
 
 def from_config(data, split: str) -> ShapesWorldSource:

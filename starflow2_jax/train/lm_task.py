@@ -9,19 +9,27 @@ system turn data.system_prompt), of a form drawn from (train.seed, the record's 
 held-out records: its caption), where a scene appears as a vision span (the place the Pretzel sequences
 put an image's latents): with a vision tower (model.vision) the image itself,
 `<|vision_start|><|image_pad|> x n<|vision_end|>` filled with the tower's n merged image tokens (a
-vision-language model, as Qwen2.5-VL); without one, its caption (`<|vision_start|>caption<|vision_end|>`,
-a text-only model):
+vision-language model, as Qwen2.5-VL); without one (a text-only model), by `config.lm.scene`:
+  "map"      its scene map (`data.shapesworld.scene_map`): one word per cell of the lm.scene_grid x
+             lm.scene_grid token grid, at that grid's M-RoPE positions, as a vision tower's tokens
+             would sit (the tokenizer must have `MAP_WORDS`: the toy tokenizer does);
+  "caption"  its caption (`<|vision_start|>caption<|vision_end|>`, 1-D positions).
+The forms:
   qa           user: [scene] question          assistant: answer
   caption      user: [scene] CAPTION_QUESTION  assistant: caption
   draw         user: caption                   assistant: [scene]
-so the language model learns the chat template, the caption grammar, answering from a scene span and
-opening a vision span when asked to draw; `config.lm.forms` weighs the forms.
+  document     user: prompt                    assistant: the STARFlow2 demo's interleaved document
+               (`pretzel.examples.shapes_interleaved`: "here is a large red circle:[scene] and here it is
+               above ...:[scene]"; a one-shape scene continues with a scene drawn from the training split)
+so the language model learns the chat template, the caption grammar, answering from a scene span,
+opening a vision span when asked to draw and the text around a document's images; `config.lm.forms`
+weighs the forms (a vision tower sees one image per record: no document form).
 
 Batch (`ChatRows`, L = data.max_len): tokens, targets (tokens shifted left, pad at the end) int32 [b, L],
 target_mask bool [b, L] (assistant text, its closing <|im_end|> and an assistant span's
-<|vision_start|> and caption; never image tokens, the forced <|vision_end|>, system or user tokens,
-pads), positions int32 [b, L, 3] (M-RoPE: text 1-D on the three axes, an image span on its merged grid;
-pads 0); with a vision tower also patches float32 [b, N, C*T*P*P] (the record's image as Qwen's
+<|vision_start|> and caption or map words; never image tokens, the forced <|vision_end|>, system or user
+tokens, pads), positions int32 [b, L, 3] (M-RoPE: text 1-D on the three axes, an image span or a map on its
+grid; pads 0); with a vision tower also patches float32 [b, N, C*T*P*P] (the record's image as Qwen's
 processor patchifies it, CLIP-normalised, at data.image_size) and image_index int32 [b, L] (the k-th
 image token of the row at its k-th <|image_pad|>, -1 elsewhere).
 
@@ -42,9 +50,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from starflow2_jax.data import shapesworld
 from starflow2_jax.data.pipeline import ELEMENT_KEY
 from starflow2_jax.errors import UserError
-from starflow2_jax.pretzel.examples import CAPTION_QUESTION
+from starflow2_jax.pretzel.examples import CAPTION_QUESTION, shapes_interleaved
 from starflow2_jax.pretzel.loss import text_ce
 from starflow2_jax.pretzel.tokens import SpecialTokens, special_tokens
 from starflow2_jax.train.pretzel_task import tokenizer_path
@@ -54,13 +63,18 @@ from starflow2_jax.vlm.model import Qwen2_5_VL, QwenConfig
 from starflow2_jax.vlm.positions import mrope_positions
 from starflow2_jax.vlm.vision import VisionConfig, preprocess_image
 
-FORMS = ("qa", "caption", "draw")
+FORMS = ("qa", "caption", "draw", "document")
+SCENES = ("map", "caption")  # how a text-only model reads a scene (config.lm.scene)
 _FORM_STREAM = 3  # sub-stream of the (seed, element, stream) draws (the pipeline's flip is 1)
 
 
 def lm_defaults() -> ml_collections.ConfigDict:
-  """config.lm: the weight of each conversation form (module docstring)."""
-  return ml_collections.ConfigDict({"forms": {"qa": 2.0, "caption": 1.0, "draw": 1.0}})
+  """config.lm: the weight of each conversation form and how a text-only model reads a scene (module
+  docstring; scene_grid: the map's side, the STARFlow2 flow's token grid)."""
+  # the loss is token-level, and a document supervises ~90 tokens, an answer 1-2: answers need the weight
+  return ml_collections.ConfigDict({"forms": {"qa": 4.0, "caption": 1.0, "draw": 2.0, "document": 1.0},
+                                    "scene": "map",
+                                    "scene_grid": 4})
 
 
 def _form_weights(lm: ml_collections.ConfigDict) -> np.ndarray:
@@ -76,16 +90,26 @@ def _form_weights(lm: ml_collections.ConfigDict) -> np.ndarray:
 class ChatRows:
   """The grain record transform: a ShapesWorld record -> one chat row (module docstring). Picklable:
   the tokenizer is loaded from `tokenizer_path` in each process. vision: the tower's config (scenes as
-  images of side image_size) or None (scenes as captions)."""
+  images of side image_size) or None (scenes as `scene`: "map" on a scene_grid side grid, or "caption")."""
 
   def __init__(self, tokenizer_path: str, max_len: int, system_prompt: str | None, forms: np.ndarray,
-               seed: int, vision: VisionConfig | None = None, image_size: int = 0):
+               seed: int, vision: VisionConfig | None = None, image_size: int = 0, scene: str = "caption",
+               scene_grid: int = 0, world: shapesworld.ShapesWorldSource | None = None):
     self.tokenizer_path, self.max_len, self.system = tokenizer_path, int(max_len), system_prompt
-    self.p, self.seed = np.asarray(forms, np.float64), int(seed)
+    self.p, self.seed, self.world = np.asarray(forms, np.float64), int(seed), world
     self.vision, self.image_size = vision, int(image_size)
-    self.grid = image_grid(vision, self.image_size) if vision is not None else None
+    self.scene, self.scene_grid = ("image", 0) if vision is not None else (scene, int(scene_grid))
+    if vision is not None:
+      self.grid = image_grid(vision, self.image_size)
+    else:
+      self.grid = (self.scene_grid, self.scene_grid) if scene == "map" else None
+    if self.p[FORMS.index("document")] > 0 and (vision is not None or world is None):
+      raise UserError("lm.forms has 'document' (several scenes per conversation): it needs a text-only "
+                      "model (no model.vision) and a ShapesWorld training split to draw scenes from; set "
+                      "lm.forms.document=0")
     self._tk = None
     self.ids: SpecialTokens = special_tokens(self.tokenizer)  # fails early on a tokenizer without them
+    self.map_ids = self._map_ids() if self.scene == "map" else None
 
   @property
   def tokenizer(self):
@@ -97,6 +121,15 @@ class ChatRows:
   def __getstate__(self):
     return {**self.__dict__, "_tk": None}
 
+  def _map_ids(self) -> dict[str, int]:
+    vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+    missing = [w for w in shapesworld.MAP_WORDS if w not in vocab]
+    if missing:
+      raise UserError(f"lm.scene='map' needs the scene-map words as tokens, but {self.tokenizer_path} lacks "
+                      f"{len(missing)} of them (e.g. {missing[0]!r}); use a tokenizer trained by "
+                      "pretzel.toy_tokenizer.train_shapesworld_tokenizer, or lm.scene='caption'")
+    return {w: int(vocab[w]) for w in shapesworld.MAP_WORDS}
+
   def _encode(self, text: str) -> list[int]:
     return list(self.tokenizer.encode(text, add_special_tokens=False).ids) if text else []
 
@@ -107,17 +140,24 @@ class ChatRows:
     return np.random.default_rng([self.seed, int(key), _FORM_STREAM])
 
   def turns(self, record: dict) -> list[tuple[str, list]]:
-    """[(role, parts)]: a part is a str or ("scene", caption) (a vision span holding the caption)."""
+    """[(role, parts)]: a part is a str or ("scene", record) (a vision span showing the record's scene)."""
     rng = self._rng(record)
     form = FORMS[int(rng.choice(len(FORMS), p=self.p))]
     caption = str(record["caption"])
-    scene = ("scene", caption)
+    scene = ("scene", record)
     if form == "qa":
       k = int(rng.integers(len(record["questions"])))
       return [("user", [scene, str(record["questions"][k])]), ("assistant", [str(record["answers"][k])])]
     if form == "caption":
       return [("user", [scene, CAPTION_QUESTION]), ("assistant", [caption])]
-    return [("user", [caption]), ("assistant", [scene])]
+    if form == "draw":
+      return [("user", [caption]), ("assistant", [scene])]
+    shapes = list(record["shapes"])
+    more = self.world.scene(int(rng.integers(len(self.world)))) if len(shapes) == 1 else []
+    prompt, parts, scenes = shapes_interleaved(shapes, more)
+    views = [{"shapes": sc, "caption": shapesworld.ShapesWorldSource.caption(sc)} for sc in scenes]
+    said = [p if isinstance(p, str) else ("scene", views[p]) for p in parts]
+    return [("user", [prompt]), ("assistant", said)]
 
   def tokens(self, turns) -> tuple[np.ndarray, np.ndarray]:
     """-> (ids int32 [n], supervised bool [n]: predicting this token is supervised)."""
@@ -130,17 +170,25 @@ class ChatRows:
       for p in parts:
         if isinstance(p, str):
           out.append((self._encode(p), sup))
-        elif self.grid is not None:  # the image's tokens: inputs, never targets
-          out += [([ids.vision_start], sup), ([ids.image_pad] * (self.grid[0] * self.grid[1]), False),
-                  ([ids.vision_end], False)]
         else:
-          out += [([ids.vision_start], sup), (self._encode(p[1]), sup), ([ids.vision_end], False)]
+          out += [([ids.vision_start], sup), self._scene(p[1], sup), ([ids.vision_end], False)]
       out.append(([ids.im_end], sup))
       if t + 1 < len(full):
         out.append((self._encode("\n"), False))
     tokens = np.concatenate([np.asarray(p, np.int32) for p, _ in out])
     supervised = np.concatenate([np.full(len(p), s, bool) for p, s in out])
     return tokens, supervised
+
+  def _scene(self, record: dict, sup: bool) -> tuple[list[int], bool]:
+    """A scene span's inside: (its ids, supervised); image tokens are inputs, never targets."""
+    if self.scene == "image":
+      return [self.ids.image_pad] * (self.grid[0] * self.grid[1]), False
+    if self.scene == "map":
+      if "shapes" not in record:
+        raise UserError("lm.scene='map' reads each record's scene ('shapes'): ShapesWorld records have "
+                        "it; use lm.scene='caption' for records without")
+      return [self.map_ids[w] for w in shapesworld.scene_map(record["shapes"], self.scene_grid)], sup
+    return self._encode(str(record["caption"])), sup
 
   def __call__(self, record: dict) -> dict:
     tokens, supervised = self.tokens(self.turns(record))
@@ -154,9 +202,12 @@ class ChatRows:
     row["tokens"][:n] = tokens
     row["targets"][:n - 1] = tokens[1:]
     row["target_mask"][:n - 1] = supervised[1:]
-    grids = [self.grid] if self.grid is not None else []
-    row["positions"][:n] = mrope_positions(tokens[None], None, grids, self.ids.image_pad)[0][0]
-    if self.grid is not None:
+    grids = [self.grid] * int(np.sum(tokens == self.ids.vision_start)) if self.grid is not None else []
+    spatial = tokens
+    if self.scene == "map":  # the map's words sit on the grid, as image tokens
+      spatial = np.where(np.isin(tokens, list(self.map_ids.values())), self.ids.image_pad, tokens)
+    row["positions"][:n] = mrope_positions(spatial[None], None, grids, self.ids.image_pad)[0][0]
+    if self.scene == "image":
       image = np.asarray(record["image"], np.uint8)
       if image.shape != (self.image_size, self.image_size, 3):
         raise UserError(f"lm task with a vision tower: expected {self.image_size}x{self.image_size} RGB "
@@ -182,6 +233,12 @@ def _check(config: ml_collections.ConfigDict, qcfg: QwenConfig, vocab: int) -> N
   if config.data.name != "shapesworld":
     raise UserError(f"data.name={config.data.name!r}: the lm task reads ShapesWorld text; set "
                     "data.name='shapesworld'")
+  scene = config.lm.get("scene", "caption")
+  if scene not in SCENES:
+    raise UserError(f"lm.scene={scene!r}: expected one of {SCENES}")
+  if scene == "map" and qcfg.vision is None and int(config.lm.get("scene_grid", 0)) < 1:
+    raise UserError(f"lm.scene='map' needs lm.scene_grid >= 1 (the map's side), found "
+                    f"{config.lm.get('scene_grid', 0)}")
   if vocab > qcfg.vocab_size:
     raise UserError(f"the tokenizer ({config.tokenizer}) has {vocab} tokens, but model.vocab_size is "
                     f"{qcfg.vocab_size}; set model.vocab_size >= {vocab}")
@@ -202,7 +259,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
   model = Qwen2_5_VL(qcfg)
   vision = qcfg.vision
   transform = ChatRows(tk_path, int(config.data.max_len), config.data.system_prompt,
-                       _form_weights(config.lm), int(config.train.seed), vision, int(config.data.image_size))
+                       _form_weights(config.lm), int(config.train.seed), vision, int(config.data.image_size),
+                       config.lm.get("scene", "caption"), int(config.lm.get("scene_grid", 0)),
+                       shapesworld.from_config(config.data, "train"))
 
   def init_fn(rng):
     return model.init(rng, jnp.zeros((1, 1), jnp.int32), positions=jnp.zeros((1, 1, 3), jnp.int32),

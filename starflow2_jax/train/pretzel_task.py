@@ -62,7 +62,7 @@ def tokenizer_path(spec: str) -> str:
   its directory; 'toy': the ShapesWorld toy tokenizer, trained into the cache on first use)."""
   if spec != TOY_TOKENIZER:
     return spec
-  path = os.path.join(tok_lib.default_cache_dir(), "toy_shapesworld_tokenizer.json")
+  path = os.path.join(tok_lib.default_cache_dir(), "toy_shapesworld_tokenizer_map.json")
   if not os.path.exists(path):
     try:
       toy_tokenizer.train_shapesworld_tokenizer(path)
