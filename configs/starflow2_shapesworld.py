@@ -51,7 +51,7 @@ MIXTURES = {
 # 37% -> 20% at lr 3e-4, 24% at 3e-5); with the documents in its pretraining (lm.forms.document) 37% ->
 # 39% (held-out NLL 0.375 -> 0.369, text CE 0.35).
 # Measured with the scene-map language model (configs/lm_shapesworld.py): stage 1 at 2,400 / 3,000
-# steps: held-out NLL 0.375 / 0.358, single-object all-correct 54% / 65% (256 captions); stage 2 at
+# steps: held-out NLL 0.370 / 0.358, single-object all-correct 54% / 65% (256 captions); stage 2 at
 # 1,000 / 1,500 / 3,000 steps: QA kind 42% / 51% / 53%.
 STEPS = {1: 3000, 2: 1500, 3: 400}
 LR = {1: 3e-3, 2: 1e-2, 3: 3e-4}
