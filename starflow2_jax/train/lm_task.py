@@ -73,8 +73,7 @@ def lm_defaults() -> ml_collections.ConfigDict:
   docstring; scene_grid: the map's side, the STARFlow2 flow's token grid)."""
   # the loss is token-level, and a document supervises ~90 tokens, an answer 1-2: answers need the weight
   return ml_collections.ConfigDict({"forms": {"qa": 4.0, "caption": 1.0, "draw": 2.0, "document": 1.0},
-                                    "scene": "map",
-                                    "scene_grid": 4})
+                                    "scene": "map", "scene_grid": 4})
 
 
 def _form_weights(lm: ml_collections.ConfigDict) -> np.ndarray:
