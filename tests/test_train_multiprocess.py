@@ -64,9 +64,17 @@ def test_two_processes_match_one_process(tmp_path):
     assert abs(lo - lt) <= 1e-5 * max(1, abs(lo)), name
   s1, s2 = _state(tmp_path / "one", 3), _state(tmp_path / "two", 3)
   assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  # An AdamW step moves a parameter by about lr whatever the size of its gradient, so a parameter whose
+  # gradient is a near-cancelling sum (reduced in another order over 2 x 4 devices) may move by another
+  # small fraction of lr: parameters are compared on the scale of max(|leaf|, lr x steps).
+  config = tiny_config(**OVERRIDES)
+  moved = config.train.lr * config.train.steps
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(s1)[0], jax.tree.leaves(s2)):
-    assert np.max(np.abs(a - b), initial=0) <= 1e-5 * np.max(np.abs(a), initial=0), \
-        jax.tree_util.keystr(path)
+    name = jax.tree_util.keystr(path)
+    scale = np.max(np.abs(a), initial=0)
+    if name.startswith("['params']"):
+      scale = max(scale, moved)
+    assert np.max(np.abs(a - b), initial=0) <= 1e-5 * scale, name
   # the exported parameters and the checkpoint, both written by the two processes, agree bit for bit
   exported = ckpt.read_tree(os.path.join(tmp_path / "two", "params_0000003", "params"))["params"]
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(s2["params"])):
