@@ -41,8 +41,15 @@ GRID_CENTRES = (0.21, 0.5, 0.79)  # a large shape (extent 0.38) at an edge cell 
 GRID_JITTER = 0.02  # uniform offset of a shape from its cell centre, on each axis
 MAP_COVER = 0.15  # a shape's box covering this fraction of a map cell names the cell
 MAP_EMPTY = "<|empty|>"
-MAP_WORDS = (MAP_EMPTY,) + tuple(f"<|{size} {colour} {kind}|>" for size in SIZES for colour in COLOURS
-                                 for kind in KINDS)
+
+
+def map_word(s: dict) -> str:
+  """A shape's scene-map word: "<|large red circle|>"."""
+  return f"<|{s['size']} {s['colour']} {s['kind']}|>"
+
+
+MAP_WORDS = (MAP_EMPTY,) + tuple(map_word({"size": size, "colour": colour, "kind": kind})
+                                 for size in SIZES for colour in COLOURS for kind in KINDS)
 _SPLIT_IDS = {"train": 0, "test": 1}
 _MAX_TRIES = 1000
 
@@ -103,7 +110,7 @@ def scene_map(shapes: list[dict], grid: int) -> list[str]:
     for col in range(grid):
       s = shapes[best[row, col]] if shapes else None
       hit = s is not None and cover[best[row, col], row, col] >= MAP_COVER
-      words.append(f"<|{s['size']} {s['colour']} {s['kind']}|>" if hit else MAP_EMPTY)
+      words.append(map_word(s) if hit else MAP_EMPTY)
   return words
 
 

@@ -183,9 +183,6 @@ class ChatRows:
     if self.scene == "image":
       return [self.ids.image_pad] * (self.grid[0] * self.grid[1]), False
     if self.scene == "map":
-      if "shapes" not in record:
-        raise UserError("lm.scene='map' reads each record's scene ('shapes'): ShapesWorld records have "
-                        "it; use lm.scene='caption' for records without")
       return [self.map_ids[w] for w in shapesworld.scene_map(record["shapes"], self.scene_grid)], sup
     return self._encode(str(record["caption"])), sup
 
