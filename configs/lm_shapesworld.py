@@ -24,8 +24,15 @@ from starflow2_jax.train.lm_task import lm_defaults
 from starflow2_jax.train.pretzel_task import TOY_TOKENIZER
 from starflow2_jax.vlm.tokenizer import DEFAULT_SYSTEM
 
-# the longest conversation: an interleaved document of three scenes (lm.forms.document), 144 tokens
-MAX_LEN = 144
+# a row packs up to PACK conversations (longest first, each that still fits). The conversations average
+# 56 tokens (10% / 50% / 90% / max: 44 / 45 / 97 / 144, the longest an interleaved document of three
+# scenes): rows of 4 in 256 tokens keep ~95% of them, 68 row tokens per conversation (one conversation
+# per 144-token row: 144, and the step twice as long)
+MAX_LEN = 256
+PACK = 4
+BATCH = 8  # rows: ~30 conversations a step
+# with a vision tower a row holds one conversation (one image): no documents, the longest ~80 tokens
+VISION_ROWS = {"max_len": 144, "pack": 1, "batch": 32}
 # the scene map's side: the STARFlow2 flow's token grid (configs/starflow2_shapesworld.py: the FAE's 8 x 8
 # latents in 2 x 2 patches), so that image position k of a Pretzel sequence is map word k
 SCENE_GRID = 4
@@ -68,12 +75,14 @@ def get_config(arg=None):
   # without a vision tower the image is not used: small renders keep the loader cheap
   config.data.image_size = IMAGE_SIZE if "vision" in options else 8
   config.data.channels = 3
-  config.data.max_len = MAX_LEN
+  rows = VISION_ROWS if "vision" in options else {"max_len": MAX_LEN, "pack": PACK, "batch": BATCH}
+  config.data.max_len = rows["max_len"]
+  config.data.pack = rows["pack"]
   config.data.system_prompt = DEFAULT_SYSTEM
   config.data.shapes_layout = SHAPES_LAYOUT
   config.data.shapes_num_train = 20_000
   config.data.shapes_num_test = 256
-  config.train.batch_size = 32
+  config.train.batch_size = rows["batch"]
   config.train.steps = 1000
   config.train.lr = 3e-3
   config.train.warmup = 50
@@ -82,11 +91,11 @@ def get_config(arg=None):
   config.checkpoint.keep = 1
   config.log.every = 50
   config.log.num_samples = 0
-  config.log.eval_examples = 256
+  config.log.eval_examples = config.data.shapes_num_test // rows["pack"]  # rows: every test record
   if "smoke" in options:
     config.train.steps = 4
     config.train.warmup = 1
     config.train.batch_size = 8
     config.log.every = 2
-    config.log.eval_examples = 16
+    config.log.eval_examples = 16 // rows["pack"]
   return config

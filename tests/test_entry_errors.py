@@ -60,6 +60,12 @@ def test_flag_mistakes_are_one_line(args, error_line, tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_packing_a_task_that_reads_one_record_a_row_is_refused(tmp_path):
+  r = _run(["-m", "launch.train", "--config=configs/tarflow_digits.py", f"--workdir={tmp_path}",
+            "--config.data.pack=2"])
+  _assert_user_error(r, "error: data.pack=2: the flow task's rows hold one record each; set data.pack=1")
+
+
 def test_missing_checkpoint_dir(tmp_path):
   missing = tmp_path / "no_such_checkpoint"
   r = _run(["-m", "launch.sample", f"--checkpoint={missing}", f"--out={tmp_path / 'out'}", "--num=2"])

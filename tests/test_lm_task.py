@@ -4,6 +4,7 @@ the STARFlow2 task loads as its frozen VLM."""
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from starflow2_jax import parallel
-from starflow2_jax.data import shapesworld
+from starflow2_jax.data import pipeline, shapesworld
 from starflow2_jax.data.pipeline import ELEMENT_KEY
 from starflow2_jax.data.shapesworld import ShapesWorldSource
 from starflow2_jax.errors import UserError
@@ -151,6 +152,62 @@ def test_rows_with_a_vision_tower_carry_the_image_as_its_tokens():
     lm_task.image_grid(vision, 36)
 
 
+def test_packed_rows_hold_each_conversation_as_if_alone():
+  """data.pack > 1: a packed record's conversations fill the row longest first, each that still fits, each
+  its own segment with the fields it has alone (positions restarting at 0); the loss of a packed batch is the
+  sum of its conversations' losses alone (attention stays in a segment), and answer_exact counts
+  conversations; a vision tower's row is not packed."""
+  config = lm_shapesworld.get_config("smoke")
+  assert config.data.pack == lm_shapesworld.PACK == 4
+  task = tasks.build_task(config, parallel.make_mesh(config.mesh), parallel.logical_rules(config))
+  transform = task.record_transform
+  source = pipeline.build_source(config.data, "train")
+  world = shapesworld.from_config(config.data, "train")
+  assert len(source) == len(world) // 4
+  rows, alone, dropped = [], [], 0
+  for j in range(12):
+    record = {**source[j], ELEMENT_KEY: np.int64(j)}
+    convs = [transform.conversation({**r, ELEMENT_KEY: np.int64(j)}, m)
+             for m, r in enumerate(record[pipeline.RECORDS_KEY])]
+    row, used, kept = transform(record), 0, []
+    for c in sorted(convs, key=lambda c: -len(c["tokens"])):  # longest first, by hand
+      if used + len(c["tokens"]) <= config.data.max_len:
+        kept.append(c)
+        used += len(c["tokens"])
+    dropped += len(convs) - len(kept)
+    seg, start = row["segment_ids"], 0
+    assert np.all(seg[used:] == 0) and np.all(row["tokens"][used:] == transform.ids.pad)
+    for m, c in enumerate(kept, 1):
+      n = len(c["tokens"])
+      assert np.all(seg[start:start + n] == m)
+      for k in c:
+        np.testing.assert_array_equal(row[k][start:start + n], c[k])
+      assert np.all(c["positions"][0] == 0)
+      start += n
+    rows.append(row)
+    alone += [transform.row([c]) for c in kept]
+  assert dropped > 0  # some rows are full (a packing check, not only a concatenation)
+  forms = {_form(transform.turns({**world[4 * j + m], ELEMENT_KEY: np.int64(j)}, m))
+           for j in range(12) for m in range(4)}
+  assert forms == set(lm_task.FORMS)  # the m-th record of a row draws its own form
+
+  params = jax.tree.map(lambda x: x * 20, nn.unbox(task.init_fn(jax.random.key(1))))  # far from uniform
+  stack = lambda rs: {k: jnp.asarray(np.stack([r[k] for r in rs])) for k in rs[0]}
+  packed_sum, packed_count = task.loss_fn(params, None, stack(rows), None)["ntp"]
+  alone_sum, alone_count = task.loss_fn(params, None, stack(alone), None)["ntp"]
+  assert float(packed_count) == float(alone_count)
+  np.testing.assert_allclose(float(packed_sum), float(alone_sum), rtol=1e-5)
+  exact = task.eval_fn(params, None, stack(rows), None)["answer_exact"]
+  np.testing.assert_array_equal(np.asarray(exact[1]), [r["segment_ids"].max() for r in rows])
+  exact_alone = task.eval_fn(params, None, stack(alone), None)["answer_exact"]
+  assert float(jnp.sum(exact[0])) == float(jnp.sum(exact_alone[0]))
+  vision = QwenConfig.from_config(lm_shapesworld.get_config("smoke,vision").model).vision
+  with pytest.raises(UserError, match="data.pack=4: a row of the lm task with a vision tower"):
+    lm_task.ChatRows(tokenizer_path("toy"), 144, None, NO_DOCUMENTS, 0, vision, 32, pack=4)
+  with pytest.raises(UserError, match="more than data.pack=4"):
+    transform({pipeline.RECORDS_KEY: [world[i] for i in range(5)]})
+
+
 def test_bad_inputs_name_the_field(tmp_path):
   config = lm_shapesworld.get_config("smoke")
   config.lm.forms = {"qa": 1.0, "poems": 1.0}
@@ -208,7 +265,8 @@ def test_loss_and_held_out_metrics_are_token_level(trained):
   out = task.eval_fn(params, None, batch, jax.random.key(0))
   right = np.asarray(jnp.argmax(logits, -1) == batch["targets"])
   np.testing.assert_allclose(np.asarray(out["token_accuracy"][0]), np.sum(right & mask, 1))
-  np.testing.assert_allclose(np.asarray(out["answer_exact"]), np.all(right | ~mask, 1))
+  np.testing.assert_allclose(np.asarray(out["answer_exact"][0]), np.all(right | ~mask, 1))
+  np.testing.assert_array_equal(np.asarray(out["answer_exact"][1]), 1.0)  # one conversation a row
   assert set(summary["eval"]) == {"text_ce", "token_accuracy", "answer_exact"}
   assert summary["eval"]["text_ce"] > 0
 

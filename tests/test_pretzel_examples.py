@@ -99,7 +99,7 @@ def test_mixture_weights_and_packing():
     ex.Mixture(sources, {"captions": 1.0}, 10)
   with pytest.raises(UserError, match=r"no source of them"):
     ex.Mixture(sources, {"editing": 1.0}, 10)
-  packed = ex.Packed(mix, 3)
+  packed = pipeline.Packed(mix, 3)
   assert len(packed) == 333
   assert [r["kind"] for r in packed[5][pipeline.RECORDS_KEY]] == kinds[15:18]
 

@@ -20,6 +20,8 @@ augmentation (e.g. caption dropout); held-out records (`eval_batches`) have none
 
 Sources. `data.name` picks a built-in source, or one of EXTERNAL_SOURCES: a builder
 `build(data, split) -> source` of an upper package, imported on demand (so this module imports none).
+data.pack > 1 groups data.pack consecutive records of the source into one packed record (`Packed`), in
+every split; a task whose transform reads packed records (`Task.packs`) fills one row with them.
 """
 from __future__ import annotations
 
@@ -65,11 +67,34 @@ def default_data_config() -> ml_collections.ConfigDict:
       "shapes_seed": 0,
       "shapes_exclude": [],  # [[colour, kind], ...] kept out of the train split
       "shapes_layout": "free",  # free | grid (shapes in named 3 x 3 grid cells: data/shapesworld.py)
+      "pack": 1,  # records per row (> 1: packed records, `Packed`)
   })
 
 
-def build_source(data: ml_collections.ConfigDict, split: str):
-  """The random-access source named by `data.name` for a split."""
+class Packed:
+  """Record j = {"records": records [j * pack, (j + 1) * pack) of `source`}: one packed row."""
+
+  def __init__(self, source, pack: int):
+    if len(source) < pack:
+      raise UserError(f"data.pack={pack}: the source has only {len(source)} records")
+    self.source, self.pack = source, int(pack)
+
+  def __len__(self) -> int:
+    return len(self.source) // self.pack
+
+  def __getitem__(self, j: int) -> dict:
+    return {RECORDS_KEY: [self.source[int(j) * self.pack + m] for m in range(self.pack)]}
+
+
+def pack_size(data: ml_collections.ConfigDict) -> int:
+  """data.pack (1 when absent), checked."""
+  pack = int(data.get("pack", 1))
+  if pack < 1:
+    raise UserError(f"data.pack={pack}: expected the number of records per row, >= 1")
+  return pack
+
+
+def _source(data: ml_collections.ConfigDict, split: str):
   if data.name == "digits":
     return DigitsSource(split, data.image_size, data.channels)
   if data.name == "shapesworld":
@@ -82,6 +107,12 @@ def build_source(data: ml_collections.ConfigDict, split: str):
     module, builder = EXTERNAL_SOURCES[data.name].split(":")
     return getattr(importlib.import_module(module), builder)(data, split)
   raise UserError(f"data.name={data.name!r}: expected one of {DATASETS}")
+
+
+def build_source(data: ml_collections.ConfigDict, split: str):
+  """The random-access source named by `data.name` for a split, its records packed by data.pack."""
+  source, pack = _source(data, split), pack_size(data)
+  return Packed(source, pack) if pack > 1 else source
 
 
 def _checked_image(img, i: int, image_shape: tuple) -> np.ndarray:

@@ -18,7 +18,8 @@
   data.mixture = {kind: weight}: record j of the mixture is a kind drawn with these weights from
   (data.mixture_seed, j) and a record of that kind's source drawn from the same RNG (`Mixture`, of
   length data.mixture_size in the training split, else or when 0 the base source's length).
-  data.pack > 1 groups data.pack consecutive mixture records into one packed record (`Packed`).
+  data.pack > 1 groups data.pack consecutive mixture records into one packed record
+  (`data.pipeline.Packed`, applied by `pipeline.build_source`).
 """
 from __future__ import annotations
 
@@ -52,7 +53,6 @@ def default_data_config() -> ml_collections.ConfigDict:
   data.mixture = {"text_to_image": 1.0, "understanding": 1.0, "editing": 0.0, "interleaved": 0.0}
   data.mixture_size = 0  # records per training epoch of the mixture (0: the base source's length)
   data.mixture_seed = 0  # the mixture's draws (which kind and record each mixture record is)
-  data.pack = 1  # examples per row (> 1: packing)
   data.max_len = 1024
   data.max_images = 2
   data.system_prompt = DEFAULT_SYSTEM  # None: no system turn
@@ -227,21 +227,6 @@ class Mixture:
     return src[int(rng.integers(len(src)))]
 
 
-class Packed:
-  """Record j = {"records": records [j * pack, (j + 1) * pack) of `source`}: one packed row."""
-
-  def __init__(self, source, pack: int):
-    if len(source) < pack:
-      raise UserError(f"data.pack={pack}: the source has only {len(source)} records")
-    self.source, self.pack = source, int(pack)
-
-  def __len__(self) -> int:
-    return len(self.source) // self.pack
-
-  def __getitem__(self, j: int) -> dict:
-    return {pipeline.RECORDS_KEY: [self.source[int(j) * self.pack + m] for m in range(self.pack)]}
-
-
 def kind_sources(data: ml_collections.ConfigDict, split: str, kinds) -> tuple[dict, int]:
   """-> ({kind: source} for `kinds`, the base source's length)."""
   base = data.examples_from
@@ -259,8 +244,8 @@ def kind_sources(data: ml_collections.ConfigDict, split: str, kinds) -> tuple[di
 
 
 def build_source(data: ml_collections.ConfigDict, split: str):
-  """The Pretzel example source of `data` (`default_data_config()`) for a split (what
-  `pipeline.build_source` returns for data.name = "pretzel")."""
+  """The Pretzel example source of `data` (`default_data_config()`) for a split, before packing (what
+  `pipeline.build_source` packs by data.pack for data.name = "pretzel")."""
   if int(data.channels) != 3:
     raise UserError(f"data.channels={data.channels}: Pretzel examples are RGB, set data.channels=3")
   if data.flip and data.examples_from == "shapesworld":
@@ -269,5 +254,4 @@ def build_source(data: ml_collections.ConfigDict, split: str):
   weights = _check_weights(data.mixture)
   sources, n = kind_sources(data, split, sorted(weights))
   size = int(data.mixture_size) if split == data.train_split else 0
-  mix = Mixture(sources, weights, size or n, data.mixture_seed)
-  return Packed(mix, int(data.pack)) if int(data.pack) > 1 else mix
+  return Mixture(sources, weights, size or n, data.mixture_seed)

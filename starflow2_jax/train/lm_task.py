@@ -25,20 +25,26 @@ so the language model learns the chat template, the caption grammar, answering f
 opening a vision span when asked to draw and the text around a document's images; `config.lm.forms`
 weighs the forms (a vision tower sees one image per record: no document form).
 
-Batch (`ChatRows`, L = data.max_len): tokens, targets (tokens shifted left, pad at the end) int32 [b, L],
-target_mask bool [b, L] (assistant text, its closing <|im_end|> and an assistant span's
-<|vision_start|> and caption or map words; never image tokens, the forced <|vision_end|>, system or user
-tokens, pads), positions int32 [b, L, 3] (M-RoPE: text 1-D on the three axes, an image span or a map on its
-grid; pads 0); with a vision tower also patches float32 [b, N, C*T*P*P] (the record's image as Qwen's
-processor patchifies it, CLIP-normalised, at data.image_size) and image_index int32 [b, L] (the k-th
-image token of the row at its k-th <|image_pad|>, -1 elsewhere).
+Batch (`ChatRows`, L = data.max_len): tokens, targets (tokens shifted left within a conversation, pad
+at its end) int32 [b, L], target_mask bool [b, L] (assistant text, its closing <|im_end|> and an
+assistant span's <|vision_start|> and caption or map words; never image tokens, the forced
+<|vision_end|>, system or user tokens, pads), positions int32 [b, L, 3] (M-RoPE: text 1-D on the three
+axes, an image span or a map on its grid, restarting at 0 in each conversation; pads 0), segment_ids
+int32 [b, L] (1, 2, ... per conversation, 0 = pad: attention stays inside a conversation); with a
+vision tower also patches float32 [b, N, C*T*P*P] (the record's image as Qwen's processor patchifies it,
+CLIP-normalised, at data.image_size) and image_index int32 [b, L] (the k-th image token of the row at its
+k-th <|image_pad|>, -1 elsewhere).
+Packing (data.pack > 1, text-only models): a packed record's conversations fill the row longest first,
+each one that still fits (so that long ones, the interleaved documents, are seldom the ones left out);
+a conversation longer than the row is an error.
 
 Loss: "ntp" = (sum over supervised tokens of -log softmax(logits)[target], their count) (`pretzel.loss.
 text_ce`; logit rows past the tokenizer's vocabulary never predicted). Held-out: text_ce (nats/token,
-perplexity = exp(text_ce)), token_accuracy (greedy next-token) and answer_exact (per conversation: every
-supervised token right). Parameter groups: the model's top-level modules (embed_tokens, layers, norm,
-lm_head, visual). The export (WORKDIR/params_<step>/, {"params": the Qwen tree} with this config) loads with
-`vlm.chat.load_vlm`; STARFlow2 drops its vision tower (the flow stream's adapter replaces it).
+perplexity = exp(text_ce)), token_accuracy (greedy next-token) and answer_exact (the fraction of
+conversations with every supervised token right). Parameter groups: the model's top-level modules
+(embed_tokens, layers, norm, lm_head, visual). The export (WORKDIR/params_<step>/, {"params": the Qwen
+tree} with this config) loads with `vlm.chat.load_vlm`; STARFlow2 drops its vision tower (the flow
+stream's adapter replaces it).
 """
 from __future__ import annotations
 
@@ -50,8 +56,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from starflow2_jax.data import shapesworld
-from starflow2_jax.data.pipeline import ELEMENT_KEY
+from starflow2_jax.data import pipeline, shapesworld
+from starflow2_jax.data.pipeline import ELEMENT_KEY, RECORDS_KEY
 from starflow2_jax.errors import UserError
 from starflow2_jax.pretzel.examples import CAPTION_QUESTION, shapes_interleaved
 from starflow2_jax.pretzel.loss import text_ce
@@ -87,15 +93,19 @@ def _form_weights(lm: ml_collections.ConfigDict) -> np.ndarray:
 
 
 class ChatRows:
-  """The grain record transform: a ShapesWorld record -> one chat row (module docstring). Picklable:
-  the tokenizer is loaded from `tokenizer_path` in each process. vision: the tower's config (scenes as
-  images of side image_size) or None (scenes as `scene`: "map" on a scene_grid side grid, or "caption")."""
+  """The grain record transform: a ShapesWorld record, or a packed record of up to `pack` of them -> one
+  chat row (module docstring). Picklable: the tokenizer is loaded from `tokenizer_path` in each process.
+  vision: the tower's config (scenes as images of side image_size; one record per row) or None (scenes
+  as `scene`: "map" on a scene_grid side grid, or "caption")."""
 
   def __init__(self, tokenizer_path: str, max_len: int, system_prompt: str | None, forms: np.ndarray,
                seed: int, vision: VisionConfig | None = None, image_size: int = 0, scene: str = "caption",
-               scene_grid: int = 0, world: shapesworld.ShapesWorldSource | None = None):
+               scene_grid: int = 0, world: shapesworld.ShapesWorldSource | None = None, pack: int = 1):
     self.tokenizer_path, self.max_len, self.system = tokenizer_path, int(max_len), system_prompt
-    self.p, self.seed, self.world = np.asarray(forms, np.float64), int(seed), world
+    self.p, self.seed, self.world, self.pack = np.asarray(forms, np.float64), int(seed), world, int(pack)
+    if self.pack > 1 and vision is not None:
+      raise UserError(f"data.pack={self.pack}: a row of the lm task with a vision tower holds one image "
+                      "(one record); set data.pack=1")
     self.vision, self.image_size = vision, int(image_size)
     self.scene, self.scene_grid = ("image", 0) if vision is not None else (scene, int(scene_grid))
     if vision is not None:
@@ -132,15 +142,17 @@ class ChatRows:
   def _encode(self, text: str) -> list[int]:
     return list(self.tokenizer.encode(text, add_special_tokens=False).ids) if text else []
 
-  def _rng(self, record: dict) -> np.random.Generator:
+  def _rng(self, record: dict, m: int) -> np.random.Generator:
     key = record.get(ELEMENT_KEY)
     if key is None:  # held out: a fixed draw per record
       key = zlib.crc32(str(record["caption"]).encode("utf-8"))
-    return np.random.default_rng([self.seed, int(key), _FORM_STREAM])
+    return np.random.default_rng([self.seed, int(key), _FORM_STREAM, int(m)])
 
-  def turns(self, record: dict) -> list[tuple[str, list]]:
-    """[(role, parts)]: a part is a str or ("scene", record) (a vision span showing the record's scene)."""
-    rng = self._rng(record)
+  def turns(self, record: dict, m: int = 0) -> list[tuple[str, list]]:
+    """[(role, parts)] of the record, the m-th of its row (its form and question drawn from (seed,
+    record[ELEMENT_KEY] or, held out, its caption, m)): a part is a str or ("scene", record) (a vision
+    span showing the record's scene)."""
+    rng = self._rng(record, m)
     form = FORMS[int(rng.choice(len(FORMS), p=self.p))]
     caption = str(record["caption"])
     scene = ("scene", record)
@@ -186,23 +198,50 @@ class ChatRows:
       return [self.map_ids[w] for w in shapesworld.scene_map(record["shapes"], self.scene_grid)], sup
     return self._encode(str(record["caption"])), sup
 
-  def __call__(self, record: dict) -> dict:
-    tokens, supervised = self.tokens(self.turns(record))
-    n, length = len(tokens), self.max_len
-    if n > length:
-      raise UserError(f"a conversation of {n} tokens does not fit data.max_len={length}: raise "
+  def conversation(self, record: dict, m: int = 0) -> dict:
+    """The record's conversation (the m-th of its row), unpadded: tokens, targets, target_mask [n],
+    positions [n, 3] (row fields of the module docstring)."""
+    tokens, supervised = self.tokens(self.turns(record, m))
+    n = len(tokens)
+    if n > self.max_len:
+      raise UserError(f"a conversation of {n} tokens does not fit data.max_len={self.max_len}: raise "
                       "data.max_len")
-    pad = self.ids.pad
-    row = {"tokens": np.full(length, pad, np.int32), "targets": np.full(length, pad, np.int32),
-           "target_mask": np.zeros(length, bool), "positions": np.zeros((length, 3), np.int32)}
-    row["tokens"][:n] = tokens
-    row["targets"][:n - 1] = tokens[1:]
-    row["target_mask"][:n - 1] = supervised[1:]
+    targets = np.append(tokens[1:], np.int32(self.ids.pad))
     grids = [self.grid] * int(np.sum(tokens == self.ids.vision_start)) if self.grid is not None else []
     spatial = tokens
     if self.scene == "map":  # the map's words sit on the grid, as image tokens
       spatial = np.where(np.isin(tokens, list(self.map_ids.values())), self.ids.image_pad, tokens)
-    row["positions"][:n] = mrope_positions(spatial[None], None, grids, self.ids.image_pad)[0][0]
+    positions = mrope_positions(spatial[None], None, grids, self.ids.image_pad)[0][0]
+    return {"tokens": tokens, "targets": targets, "target_mask": np.append(supervised[1:], False),
+            "positions": positions}
+
+  def row(self, conversations: list[dict]) -> dict:
+    """`conversation`s -> one right-padded row (segment m + 1 = conversations[m]); they must fit."""
+    length, pad = self.max_len, self.ids.pad
+    row = {"tokens": np.full(length, pad, np.int32), "targets": np.full(length, pad, np.int32),
+           "target_mask": np.zeros(length, bool), "positions": np.zeros((length, 3), np.int32),
+           "segment_ids": np.zeros(length, np.int32)}
+    start = 0
+    for seg, conv in enumerate(conversations, 1):
+      sl = slice(start, start + len(conv["tokens"]))
+      for k, v in conv.items():
+        row[k][sl] = v
+      row["segment_ids"][sl] = seg
+      start = sl.stop
+    return row
+
+  def __call__(self, record: dict) -> dict:
+    records = record[RECORDS_KEY] if RECORDS_KEY in record else [record]
+    if len(records) > self.pack:
+      raise UserError(f"a record packs {len(records)} records, more than data.pack={self.pack}")
+    element = {ELEMENT_KEY: record[ELEMENT_KEY]} if ELEMENT_KEY in record else {}
+    convs = [self.conversation({**r, **element}, m) for m, r in enumerate(records)]
+    chosen, used = [], 0
+    for conv in sorted(convs, key=lambda c: -len(c["tokens"])):  # longest first, each that still fits
+      if used + len(conv["tokens"]) <= self.max_len:
+        chosen.append(conv)
+        used += len(conv["tokens"])
+    row = self.row(chosen)
     if self.scene == "image":
       image = np.asarray(record["image"], np.uint8)
       if image.shape != (self.image_size, self.image_size, 3):
@@ -210,9 +249,9 @@ class ChatRows:
                         f"images (data.image_size), found shape {list(image.shape)}")
       pixels = self.image_size ** 2  # Qwen's processor at exactly this size: no resize
       row["patches"] = preprocess_image(Image.fromarray(image), self.vision, pixels, pixels)[0]
-      is_image = tokens == self.ids.image_pad
-      row["image_index"] = np.full(length, -1, np.int32)
-      row["image_index"][:n][is_image] = np.arange(int(is_image.sum()), dtype=np.int32)
+      is_image = row["tokens"] == self.ids.image_pad
+      row["image_index"] = np.full(self.max_len, -1, np.int32)
+      row["image_index"][is_image] = np.arange(int(is_image.sum()), dtype=np.int32)
     return row
 
 
@@ -257,7 +296,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
   transform = ChatRows(tk_path, int(config.data.max_len), config.data.system_prompt,
                        _form_weights(config.lm), int(config.train.seed), vision, int(config.data.image_size),
                        config.lm.get("scene", "caption"), int(config.lm.get("scene_grid", 0)),
-                       shapesworld.from_config(config.data, "train"))
+                       shapesworld.from_config(config.data, "train"), pipeline.pack_size(config.data))
 
   def init_fn(rng):
     return model.init(rng, jnp.zeros((1, 1), jnp.int32), positions=jnp.zeros((1, 1, 3), jnp.int32),
@@ -281,7 +320,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
   def per_token(params, batch):
     """-> (CE [b, L], greedy prediction right [b, L], supervised [b, L])."""
     logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                         **image_inputs(params, batch))["logits"]
+                         segment_ids=batch["segment_ids"], **image_inputs(params, batch))["logits"]
     ce = text_ce(logits, batch["targets"], vocab)
     guess = jnp.argmax(jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf), axis=-1)
     return ce, guess == batch["targets"], batch["target_mask"]
@@ -292,15 +331,20 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
     return {"ntp": (jnp.sum(jnp.where(mask, ce, 0.0)), jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0))}
 
   def eval_fn(params, frozen, batch, rng):
-    """Per row: text_ce and token_accuracy as (sum, count) over its supervised tokens; answer_exact."""
+    """Per row: text_ce and token_accuracy as (sum, count) over its supervised tokens; answer_exact as
+    (its conversations with every supervised token right, its conversations)."""
     del frozen, rng
     ce, right, mask = per_token(params, batch)
     count = jnp.sum(mask, axis=1, dtype=jnp.float32)
+    segments = jnp.arange(1, pipeline.pack_size(config.data) + 1)[:, None, None]  # [S, 1, 1]
+    in_seg = batch["segment_ids"][None] == segments  # [S, b, L]
+    exact = jnp.all(right | ~mask | ~in_seg, axis=2) & jnp.any(in_seg, axis=2)  # [S, b]
     return {"text_ce": (jnp.sum(jnp.where(mask, ce, 0.0), axis=1), count),
             "token_accuracy": (jnp.sum(right & mask, axis=1, dtype=jnp.float32), count),
-            "answer_exact": jnp.all(right | ~mask, axis=1).astype(jnp.float32)}
+            "answer_exact": (jnp.sum(exact, axis=0, dtype=jnp.float32),
+                             jnp.sum(jnp.any(in_seg, axis=2), axis=0, dtype=jnp.float32))}
 
   return Task(record_transform=transform, init_fn=init_fn, loss_fn=loss_fn, objective={"ntp": 1.0},
               eval_fn=eval_fn, sample_fn=None,
               param_labels=lambda params: {k: jax.tree.map(lambda _, n=k: n, v) for k, v in params.items()},
-              headline="ntp", tokens_per_example=int(config.data.max_len))
+              headline="ntp", tokens_per_example=int(config.data.max_len), packs=True)

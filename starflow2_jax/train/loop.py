@@ -184,6 +184,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   parallel.check_global_batch(int(tc.batch_size), mesh, int(tc.grad_accum))
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
   task = task or tasks.build_task(config, mesh, rules)
+  if pipeline.pack_size(config.data) > 1 and not task.packs:
+    raise UserError(f"data.pack={config.data.pack}: the {config.model_kind} task's rows hold one record "
+                    "each; set data.pack=1")
   train_source = pipeline.build_source(config.data, config.data.train_split)  # fails early on bad data
   data_iter = pipeline.train_iterator(config.data, train_source, int(tc.batch_size), int(tc.seed),
                                       task.record_transform, jax.process_index(), jax.process_count())

@@ -228,4 +228,4 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
               objective=stages.objective(config.stage, float(lossc.lambda_ntp)), eval_fn=eval_fn,
               sample_fn=sample_fn, param_labels=stages.param_labels,
               headline="latent_nll" if stage.nf else "ntp", tokens_per_example=spec.max_len,
-              frozen=frozen, frozen_shardings=jax.tree.map(lambda a: a.sharding, frozen))
+              frozen=frozen, frozen_shardings=jax.tree.map(lambda a: a.sharding, frozen), packs=True)

@@ -37,6 +37,8 @@ class Task:
   frozen / frozen_shardings: the non-trainable subtree (e.g. a pretrained VLM) and its shardings.
   export_fn(params, frozen) -> the parameter tree the run exports (e.g. with the frozen parts and
     statistics over the training data); None: the trained params as they are.
+  packs: record_transform fills one row from a packed record {"records": [...]} (data.pack > 1,
+    `data.pipeline.Packed`); the loop refuses data.pack > 1 for a task without it.
   """
   record_transform: Callable[[dict], dict]
   init_fn: Callable[[jax.Array], Any]
@@ -50,3 +52,4 @@ class Task:
   frozen: Any = None
   frozen_shardings: Any = None
   export_fn: Callable | None = None
+  packs: bool = False
