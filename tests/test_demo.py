@@ -104,3 +104,25 @@ def test_held_out_captions_name_cells_and_cover_every_excluded_combination():
   assert {(o["colour"], o["kind"], o["size"], o["cell"]) for o in tail} == {
       (c, k, z, cell) for c, k in starflow2_shapesworld.EXCLUDED for z in ("small", "large")
       for cell in evaluate.EXCLUDED_CELLS}
+
+
+def test_a_phase_stopped_by_a_signal_is_not_done_and_resumes(tmp_path, monkeypatch, capsys):
+  """SIGTERM during a training phase: `launch.train` writes its checkpoint and returns preempted; the
+  demo stops there without marking the phase done, and running it again runs that phase again (the loop
+  resumes it from its checkpoint) instead of skipping it."""
+  from starflow2_jax.train import loop
+  calls = []
+
+  def stopped(config, workdir):
+    calls.append(workdir)
+    return {"step": 2, "preempted": True, "metrics": {}}
+  monkeypatch.setattr(loop, "train_and_evaluate", stopped)
+  root = str(tmp_path / "demo")
+  assert demo_run.run(root, smoke=True) is None
+  lm = os.path.join(root, "lm")
+  assert calls == [lm]
+  assert "[2/7] lm: stopped by a signal at step 2" in capsys.readouterr().err
+  state = phases.State(root, "smoke")
+  assert state.done("tokenizer") and not state.done("lm") and state.seconds("lm") > 0
+  assert demo_run.run(root, smoke=True) is None
+  assert calls == [lm, lm]  # run again, not skipped

@@ -1,6 +1,8 @@
 """`launch.demo`'s logic: the phases of `demo.phases` in order (finished ones skipped), then the summary.
 
-run(workdir, smoke) -> the summary dict (demo.summary), also DIR/summary.json and the printed table.
+run(workdir, smoke) -> the summary dict (demo.summary), also DIR/summary.json and the printed table; or
+None when a training phase was stopped by a signal (SIGTERM: `launch.train` writes its checkpoint and
+returns). That phase is not marked done, so running the demo again resumes it from its checkpoint.
 """
 from __future__ import annotations
 
@@ -19,6 +21,18 @@ from starflow2_jax.pretzel import toy_tokenizer
 EVAL_PARTIAL = "eval.partial"  # the eval phase writes here, renamed to eval/ when complete
 # held-out sizes of the evaluation: (captions, QA scenes, documents)
 EVAL_SIZES = {"full": (64, 32, 2), "smoke": (4, 2, 1)}
+
+
+class Stopped(Exception):
+  """A training phase stopped by a signal before its last step (its checkpoint written)."""
+
+
+def _train(loop, phase: phases_lib.TrainPhase, phase_dir: str) -> dict:
+  summary = loop.train_and_evaluate(phase.build(), phase_dir)
+  if summary["preempted"]:
+    raise Stopped(f"{phase.name}: stopped by a signal at step {summary['step']}, its checkpoint written "
+                  f"in {phase_dir}; run the demo again to resume it")
+  return summary
 
 
 def _say(text: str) -> None:
@@ -58,8 +72,8 @@ def _read_scores(layout: phases_lib.Layout) -> dict:
     return json.load(f)
 
 
-def run(workdir: str, smoke: bool = False) -> dict:
-  """Run (or resume) the whole demo in `workdir`; returns the summary."""
+def run(workdir: str, smoke: bool = False) -> dict | None:
+  """Run (or resume) the whole demo in `workdir`; returns the summary (None: stopped by a signal)."""
   from starflow2_jax.train import loop  # after flag parsing: grain workers spawn the entry module
   root = os.path.abspath(os.path.expanduser(workdir))
   size = "smoke" if smoke else "full"
@@ -81,7 +95,11 @@ def run(workdir: str, smoke: bool = False) -> dict:
     elif name in train:
       phase, phase_dir = train[name], layout.dir(name)
       _say(f"[{k}/{total}] {name}: {phase.command(phase_dir)}")
-      state.run(name, lambda: loop.train_and_evaluate(phase.build(), phase_dir))
+      try:
+        state.run(name, lambda: _train(loop, phase, phase_dir))
+      except Stopped as stopped:
+        _say(f"[{k}/{total}] {stopped}")
+        return None
     else:
       _say(f"[{k}/{total}] eval: generation, detector and QA -> {layout.dir('eval')}")
       state.run(name, lambda: _eval_phase(layout, train["stage3"], size))
