@@ -101,6 +101,7 @@ def test_prompt_following_scores_each_attribute():
   acc = sd.prompt_following(rows)
   assert acc["overall"]["all"] == pytest.approx(1 / 3) and acc["overall"]["num"] == 3
   assert acc["single_object"]["size"] == 0.5 and acc["single_object"]["num"] == 2
+  assert acc["single_object_trained"]["size"] == 0.0 and acc["single_object_trained"]["num"] == 1
   assert acc["excluded_combination"]["all"] == 1.0 and acc["excluded_combination"]["num"] == 1
   assert acc["overall"]["relation"] == 0.0
 

@@ -6,7 +6,7 @@ summary.json = {
   "latent_nll": held-out latent NLL of stage 3 (nats/dim),
   "lm": {"text_ce", "perplexity", "token_accuracy", "answer_exact"} (held out),
   "fae_psnr": held-out FAE reconstruction PSNR (dB),
-  "prompt_following": {"overall" | "single_object" | "excluded_combination":
+  "prompt_following": {"overall" | "single_object" | "single_object_trained" | "excluded_combination":
                        {"colour", "kind", "size", "count", "relation", "position", "all": accuracy
                         or None, "num"}},
   "qa": {"count", "colour", "kind", "overall": accuracy, "num"},
@@ -21,7 +21,7 @@ import os
 from starflow2_jax.eval.shapes_detector import ATTRIBUTES
 
 SUMMARY_FILE = "summary.json"
-GROUPS = ("overall", "single_object", "excluded_combination")
+GROUPS = ("overall", "single_object", "single_object_trained", "excluded_combination")
 QA_TYPES = ("count", "colour", "kind", "overall")
 
 

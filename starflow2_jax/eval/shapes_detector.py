@@ -248,11 +248,15 @@ def _accuracies(score_rows: list[dict]) -> dict:
 
 def prompt_following(rows: list[dict]) -> dict:
   """rows: [{"caption", "detections", "excluded_combination" (bool, optional)}] -> accuracies per
-  attribute for "overall", "single_object" and "excluded_combination" rows."""
+  attribute for "overall", "single_object", "single_object_trained" (single-object rows not of an
+  excluded combination) and "excluded_combination" rows."""
   scored = [(score_caption(r["caption"], r["detections"]), r) for r in rows]
+  single = [(len(parse_caption(r["caption"])["objects"]) == 1, r.get("excluded_combination", False))
+            for _, r in scored]
   groups = {"overall": [s for s, _ in scored],
-            "single_object": [s for s, r in scored if len(parse_caption(r["caption"])["objects"]) == 1],
-            "excluded_combination": [s for s, r in scored if r.get("excluded_combination", False)]}
+            "single_object": [s for (s, _), (one, _) in zip(scored, single) if one],
+            "single_object_trained": [s for (s, _), (one, ex) in zip(scored, single) if one and not ex],
+            "excluded_combination": [s for (s, _), (_, ex) in zip(scored, single) if ex]}
   return {name: _accuracies(group) for name, group in groups.items()}
 
 
