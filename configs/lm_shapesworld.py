@@ -22,13 +22,16 @@ from starflow2_jax.pretzel import toy_tokenizer
 from starflow2_jax.train.defaults import base_config
 from starflow2_jax.train.lm_task import lm_defaults
 from starflow2_jax.train.pretzel_task import TOY_TOKENIZER
-from starflow2_jax.vlm.tokenizer import DEFAULT_SYSTEM
 
+# no system turn in the demo's conversations, nor in its STARFlow2 sequences (configs/
+# starflow2_shapesworld.py): "You are a helpful assistant." says nothing to a model trained from scratch
+# and was 11 tokens of every example, 17% of a stage-1 row
+SYSTEM_PROMPT = None
 # a row packs up to PACK conversations (longest first, each that still fits). The conversations average
-# 56 tokens (10% / 50% / 90% / max: 44 / 45 / 97 / 144, the longest an interleaved document of three
-# scenes): rows of 4 in 256 tokens keep ~95% of them, 68 row tokens per conversation (one conversation
-# per 144-token row: 144, and the step twice as long)
-MAX_LEN = 256
+# 45 tokens (10% / 50% / 90% / max: 33 / 34 / 86 / 133, the longest an interleaved document of three
+# scenes): rows of 4 in 224 tokens keep ~96% of them, 58 row tokens per conversation (one conversation
+# per row of the longest: 133, and the step twice as long)
+MAX_LEN = 224
 PACK = 4
 BATCH = 8  # rows: ~30 conversations a step
 # with a vision tower a row holds one conversation (one image): no documents, the longest ~80 tokens
@@ -78,7 +81,7 @@ def get_config(arg=None):
   rows = VISION_ROWS if "vision" in options else {"max_len": MAX_LEN, "pack": PACK, "batch": BATCH}
   config.data.max_len = rows["max_len"]
   config.data.pack = rows["pack"]
-  config.data.system_prompt = DEFAULT_SYSTEM
+  config.data.system_prompt = SYSTEM_PROMPT
   config.data.shapes_layout = SHAPES_LAYOUT
   config.data.shapes_num_train = 20_000
   config.data.shapes_num_test = 256

@@ -29,10 +29,11 @@ LATENT_PATCH = 2  # the FAE's 8 x 8 latents as 4 x 4 = 16 flow tokens of 2 x 2 x
 # the frozen language model read each scene as a map of this token grid
 assert fae_shapesworld.IMAGE_SIZE // fae_shapesworld.PATCH // LATENT_PATCH == lm_shapesworld.SCENE_GRID
 MAX_IMAGES = 3  # an interleaved document of a three-shape scene shows three images
-# a row: two text-to-image or understanding examples (46-63 tokens each: templates, text naming grid
-# cells, an image span of 16 latents + 2), or one interleaved document of up to three image spans (the
-# longest, 144 tokens, have their text cut)
-MAX_LEN = 128
+# a row: two text-to-image or understanding examples (33-54 tokens each without a system turn:
+# templates, text naming grid cells, an image span of 16 latents + 2), or one interleaved document of up
+# to three image spans (the longest, 133 tokens, have their text cut); 1.6 examples a stage-1 row, as
+# in 128-token rows with the system turn
+MAX_LEN = 112
 PACK = 2
 MIXTURES = {
     1: {"text_to_image": 3.0, "understanding": 0.0, "editing": 0.0, "interleaved": 1.0},
@@ -102,6 +103,7 @@ def get_config(arg=None):
   config.data = examples.default_data_config()
   config.data.image_size = fae_shapesworld.IMAGE_SIZE
   config.data.max_len = MAX_LEN
+  config.data.system_prompt = lm_shapesworld.SYSTEM_PROMPT  # the language model's chat template
   config.data.max_images = MAX_IMAGES
   config.data.pack = PACK
   config.data.mixture = dict(MIXTURES[stage])
