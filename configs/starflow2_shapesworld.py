@@ -53,8 +53,10 @@ MIXTURES = {
 # 39% (held-out NLL 0.375 -> 0.369, text CE 0.35).
 # Measured with the scene-map language model (configs/lm_shapesworld.py): stage 1 at 2,400 / 3,000
 # steps: held-out NLL 0.370 / 0.358, single-object all-correct 54% / 65% (256 captions); stage 2 at
-# 1,000 / 1,500 / 3,000 steps: QA kind 42% / 51% / 53%.
-STEPS = {1: 3000, 2: 1500, 3: 400}
+# 1,000 / 1,500 / 3,000 steps: QA kind 42% / 51% / 53%. The whole demo (no system turn), stage 1 at
+# 3,000 / 3,500 steps: stage-3 NLL 0.354 / 0.348, single-object all-correct 58% / 66% (256 captions),
+# 17.1 / 19.6 min on the 2-core machine where it ran slowest.
+STEPS = {1: 3500, 2: 1500, 3: 400}
 LR = {1: 3e-3, 2: 1e-2, 3: 3e-4}
 GUIDANCE = 2.0  # classifier-free guidance of generated images (the null prompt: caption dropout 0.1)
 # generation: a document of three images (3 x 18 positions) with its text after a prompt of ~40 tokens
