@@ -1,8 +1,9 @@
 """The STARFlow2 demo's "pretrained VLM": a small Qwen2.5-architecture language model pretrained on
 chat-formatted ShapesWorld captions, questions, answers and interleaved documents with the toy tokenizer
-(`model_kind: lm`, train/lm_task.py; about three minutes on 2 CPU cores), a scene shown as its scene map
-inside a vision span: a word per cell of the flow's 4 x 4 token grid (`SCENE_GRID`), as a vision tower's
-tokens would sit, so that the frozen model's states at image positions are about what each cell holds.
+(`model_kind: lm`, train/lm_task.py; 1.5 minutes on 2 CPU cores with launch.demo's CPU flag, twice that
+without), a scene shown as its scene map inside a vision span: a word per cell of the flow's 4 x 4 token
+grid (`SCENE_GRID`), as a vision tower's tokens would sit, so that the frozen model's states at image
+positions are about what each cell holds.
 With the argument "vision" it is a vision-language model instead: a vision tower reads each scene's
 32-px image as 4 x 4 merged image tokens (a few minutes). STARFlow2 keeps the language model frozen
 and drops any vision tower: the flow stream's adapter learns to feed it FAE latents (stage 2).
