@@ -250,13 +250,13 @@ def prompt_following(rows: list[dict]) -> dict:
   """rows: [{"caption", "detections", "excluded_combination" (bool, optional)}] -> accuracies per
   attribute for "overall", "single_object", "single_object_trained" (single-object rows not of an
   excluded combination) and "excluded_combination" rows."""
-  scored = [(score_caption(r["caption"], r["detections"]), r) for r in rows]
-  single = [(len(parse_caption(r["caption"])["objects"]) == 1, r.get("excluded_combination", False))
-            for _, r in scored]
-  groups = {"overall": [s for s, _ in scored],
-            "single_object": [s for (s, _), (one, _) in zip(scored, single) if one],
-            "single_object_trained": [s for (s, _), (one, ex) in zip(scored, single) if one and not ex],
-            "excluded_combination": [s for (s, _), (_, ex) in zip(scored, single) if ex]}
+  scored = [(score_caption(r["caption"], r["detections"]),  # (scores, single object, excluded)
+             len(parse_caption(r["caption"])["objects"]) == 1, bool(r.get("excluded_combination", False)))
+            for r in rows]
+  groups = {"overall": [s for s, _, _ in scored],
+            "single_object": [s for s, one, _ in scored if one],
+            "single_object_trained": [s for s, one, ex in scored if one and not ex],
+            "excluded_combination": [s for s, _, ex in scored if ex]}
   return {name: _accuracies(group) for name, group in groups.items()}
 
 
