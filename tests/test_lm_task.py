@@ -82,13 +82,16 @@ def test_rows_supervise_only_the_assistant_and_shift_the_targets(rows):
 
 def test_rows_with_scene_maps_carry_one_map_word_per_grid_cell(tmp_path):
   """lm.scene='map': a scene is its 4 x 4 scene map (data.shapesworld.scene_map) on the grid's M-RoPE
-  positions, as a vision tower's tokens; the words are never targets (as image tokens), a span the
-  assistant draws (draw, document) has its <|vision_start|> as one; a document's spans are the maps of
-  its scenes, each on its own grid; a tokenizer without the words is refused."""
+  positions, as a vision tower's tokens; drawn by the assistant (draw, document) the words are targets
+  (the language model learns caption -> layout; with map_targets=False only the span's start is), shown
+  by the user they are not; a document's spans are the maps of its scenes, each on its own grid; a
+  tokenizer without the words is refused."""
   path = tokenizer_path("toy")
   world = ShapesWorldSource("train", 8, 40, layout="grid")
   transform = lm_task.ChatRows(path, lm_shapesworld.MAX_LEN, None, np.ones(len(lm_task.FORMS)) / 4, seed=0,
                                scene="map", scene_grid=4, world=world)
+  unsupervised = lm_task.ChatRows(path, lm_shapesworld.MAX_LEN, None, np.ones(len(lm_task.FORMS)) / 4, seed=0,
+                                  scene="map", scene_grid=4, world=world, map_targets=False)
   ids, tk = transform.ids, load_tokenizer(path)
   forms = set()
   for i in range(40):
@@ -99,6 +102,7 @@ def test_rows_with_scene_maps_carry_one_map_word_per_grid_cell(tmp_path):
     shown = [p[1]["shapes"] for p in turns[0][1] if not isinstance(p, str)]
     starts = np.nonzero(row["tokens"] == ids.vision_start)[0]
     assert len(starts) == len(drawn) + len(shown)
+    plain, words = unsupervised(record), np.zeros(len(row["tokens"]), bool)
     last = -1
     for start, shapes in zip(starts, shown + drawn):
       span = row["tokens"][start + 1:start + 17]
@@ -110,9 +114,14 @@ def test_rows_with_scene_maps_carry_one_map_word_per_grid_cell(tmp_path):
       assert row["positions"][start + 1, 0] == row["positions"][start, 0] + 1 > last
       last = row["positions"][start + 17, 0]  # after the grid: text resumes past its largest index
       assert last == row["positions"][start + 1, 0] + 4
-      # target_mask[k]: predicting token k + 1; the span's start is a target when drawn, its words never
-      assert row["target_mask"][start - 1] == (start in starts[len(shown):])
-      assert not row["target_mask"][start:start + 17].any()  # the words, the forced <|vision_end|>
+      # target_mask[k]: predicting token k + 1; the span's words (and its start) are targets when drawn
+      assert np.all(row["target_mask"][start - 1:start + 16] == bool(drawn))
+      assert not row["target_mask"][start + 16]  # the forced <|vision_end|>
+      # lm.map_targets=False: a drawn span's start stays a target, its words never are
+      assert plain["target_mask"][start - 1] == bool(drawn) and not plain["target_mask"][start:start + 17].any()
+      words[start:start + 16] = True
+    assert np.array_equal(plain["tokens"], row["tokens"])  # and nothing else moves
+    assert np.array_equal(plain["target_mask"][~words], row["target_mask"][~words])
   assert forms == set(lm_task.FORMS)
   plain = str(tmp_path / "plain.json")
   toy_tokenizer.train_tokenizer(["a red circle"], plain)
