@@ -102,7 +102,7 @@ def test_rows_with_scene_maps_carry_one_map_word_per_grid_cell(tmp_path):
     shown = [p[1]["shapes"] for p in turns[0][1] if not isinstance(p, str)]
     starts = np.nonzero(row["tokens"] == ids.vision_start)[0]
     assert len(starts) == len(drawn) + len(shown)
-    plain, words = unsupervised(record), np.zeros(len(row["tokens"]), bool)
+    untargeted, words = unsupervised(record), np.zeros(len(row["tokens"]), bool)
     last = -1
     for start, shapes in zip(starts, shown + drawn):
       span = row["tokens"][start + 1:start + 17]
@@ -118,10 +118,11 @@ def test_rows_with_scene_maps_carry_one_map_word_per_grid_cell(tmp_path):
       assert np.all(row["target_mask"][start - 1:start + 16] == bool(drawn))
       assert not row["target_mask"][start + 16]  # the forced <|vision_end|>
       # lm.map_targets=False: a drawn span's start stays a target, its words never are
-      assert plain["target_mask"][start - 1] == bool(drawn) and not plain["target_mask"][start:start + 17].any()
+      mask = untargeted["target_mask"]
+      assert mask[start - 1] == bool(drawn) and not mask[start:start + 17].any()
       words[start:start + 16] = True
-    assert np.array_equal(plain["tokens"], row["tokens"])  # and nothing else moves
-    assert np.array_equal(plain["target_mask"][~words], row["target_mask"][~words])
+    assert np.array_equal(untargeted["tokens"], row["tokens"])  # and nothing else moves
+    assert np.array_equal(untargeted["target_mask"][~words], row["target_mask"][~words])
   assert forms == set(lm_task.FORMS)
   plain = str(tmp_path / "plain.json")
   toy_tokenizer.train_tokenizer(["a red circle"], plain)

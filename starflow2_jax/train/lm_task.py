@@ -81,7 +81,7 @@ def lm_defaults() -> ml_collections.ConfigDict:
   # the loss is token-level, and a document supervises ~90 tokens, an answer 1-2: answers need the weight.
   # map_targets false and qa 16 make a model that reads questions, and a worse demo. Measured (configs/
   # lm_shapesworld.py, 1,000 steps; the greedy answer from true scene maps, 128 held-out scenes, colour /
-  # kind questions): with them, 75% / 77% (kind 53% in three-shape scenes), and in 97% of the scenes the
+  # kind questions): the defaults 75% / 77% (kind 53% in three-shape scenes), and in 97% of the scenes the
   # answer to "what shape is X?" is the same for every X: the model does not read the question (alike at
   # 2,000 steps, 4 layers or width 128; 83% / 82% at 5,000 steps; qa 16: 79% / 82%). QA alone: 97% /
   # 100%. map_targets false and qa 16: 91% / 100%. But in the whole demo that model made STARFlow2 worse:
