@@ -79,16 +79,10 @@ def lm_defaults() -> ml_collections.ConfigDict:
   docstring; scene_grid: the map's side, the STARFlow2 flow's token grid; map_targets: whether the map
   words an assistant draws are targets)."""
   # the loss is token-level, and a document supervises ~90 tokens, an answer 1-2: answers need the weight.
-  # map_targets false and qa 16 make a model that reads questions, and a worse demo. Measured (configs/
-  # lm_shapesworld.py, 1,000 steps; the greedy answer from true scene maps, 128 held-out scenes, colour /
-  # kind questions): the defaults 75% / 77% (kind 53% in three-shape scenes), and in 97% of the scenes the
-  # answer to "what shape is X?" is the same for every X: the model does not read the question (alike at
-  # 2,000 steps, 4 layers or width 128; 83% / 82% at 5,000 steps; qa 16: 79% / 82%). QA alone: 97% /
-  # 100%. map_targets false and qa 16: 91% / 100%. But in the whole demo that model made STARFlow2 worse:
-  # single-object prompt following 62% -> 47% (trained combinations, the demo's 34 captions), stage-3
-  # NLL 0.348 -> 0.367, QA through the adapter colour 81% -> 88%, kind 50% -> 52%: a language model that
-  # lays captions out on the grid gives the flow its layout, and the adapter, not the language model,
-  # limits QA kind.
+  # map_targets: with the defaults the demo's model does not read the question's word (from true scene
+  # maps: colour / kind 75% / 77%, one answer to "what shape is X?" for every X in 97% of the scenes);
+  # map_targets false and qa 16 read it (91% / 100%) but made the whole demo worse (README's demo
+  # section, "Understanding is limited ...": prompt following 62% -> 47%, QA kind via the adapter 50% -> 52%)
   return ml_collections.ConfigDict({"forms": {"qa": 4.0, "caption": 1.0, "draw": 2.0, "document": 1.0},
                                     "map_targets": True,
                                     "scene": "map", "scene_grid": 4})
