@@ -38,13 +38,14 @@ torchvision_cpu.install()  # before anything imports transformers (which imports
 pytest_plugins = ("parity_guard",)  # a parity test skipped for want of torch & co. is listed; CI fails
 
 
-# `-n auto` (pytest-xdist): one test process per core, at most MAX_WORKERS (each holds its own compiled
-# programs and 8 fake devices: a few GiB of host memory).
+# `-n auto` (pytest.ini; pytest-xdist): one test process per core this process may run on, at most
+# MAX_WORKERS (each holds its own compiled programs and 8 fake devices: a few GiB of host memory).
 MAX_WORKERS = 4
 
 
 def pytest_xdist_auto_num_workers(config):
-  return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(MAX_WORKERS, cores or 1))
 
 
 @contextlib.contextmanager

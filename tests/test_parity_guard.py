@@ -38,7 +38,7 @@ SUITE = {
 }
 
 
-def _pytest(tmp_path, ci, fakes=MISSING):
+def _pytest(tmp_path, ci, fakes=MISSING, workers=0):
   fake = tmp_path / "site"
   for name, body in fakes.items():
     (fake / name).mkdir(parents=True)
@@ -53,13 +53,15 @@ def _pytest(tmp_path, ci, fakes=MISSING):
   if ci is not None:
     env["CI"] = ci
   return subprocess.run([sys.executable, "-m", "pytest", "-p", "parity_guard", "-p", "no:cacheprovider",
-                         "-q", "-rs", str(suite)], cwd=suite, env=env, capture_output=True, text=True,
-                        timeout=120)
+                         "-q", "-rs", "-n", str(workers), str(suite)], cwd=suite, env=env,
+                        capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("ci,failed", [("true", True), ("1", True), (None, False), ("false", False)])
-def test_parity_skips_fail_only_in_ci(tmp_path, ci, failed):
-  r = _pytest(tmp_path, ci)
+@pytest.mark.parametrize("ci,failed,workers", [("true", True, 0), ("1", True, 0), (None, False, 0),
+                                               ("false", False, 0), ("true", True, 2)])
+def test_parity_skips_fail_only_in_ci(tmp_path, ci, failed, workers):
+  """Also across two xdist workers (pytest.ini's default), whose skips the controller sees."""
+  r = _pytest(tmp_path, ci, workers=workers)
   out = r.stdout
   assert r.returncode == (1 if failed else 0), out + r.stderr
   assert "1 passed, 3 skipped" in out, out  # every test still ran (or skipped) as before
